@@ -77,8 +77,8 @@ class Args:
     """actions at which the score equation is imposed: dataset actions, fresh policy samples, or both"""
     score_space: Literal["pretanh", "action"] = "pretanh"
     """match gradients w.r.t. the pre-tanh action u (saturation-safe) or w.r.t. the action a = tanh(u)"""
-    bc_coef: float = 1.0
-    """weight of the behaviour-cloning term -log pi(a_data|s) in the actor loss"""
+    bc_coef: float = 10.0
+    """weight of the behaviour-cloning term -log pi(a_data|s) in the actor loss (at 1 the baseline collapsed)"""
     action_clip: float = 0.999
     """dataset actions are clipped to [-action_clip, action_clip] so that atanh stays finite"""
     eval_freq: int = 10_000
