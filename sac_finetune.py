@@ -171,6 +171,9 @@ class OnlineLog:
 def finish(setup: dict, args, log: OnlineLog, run_dir: str, alpha: float, writer) -> dict:
     """Write the fine-tuned actor-critic as final.pt (same format as smac.pt) and print the summary line."""
     summary = log.summary()
+    if 0.1 * args.total_timesteps <= setup["learning_starts"]:
+        print(f"warning: the drop window (first 10% = {0.1 * args.total_timesteps:.0f} steps) ends before updates "
+              f"begin (--learning-starts {setup['learning_starts']}): drop cannot see a fall caused by the updates")
     ckpt = setup["ckpt"]
     smac.save_checkpoint(
         os.path.join(run_dir, "final.pt"), actor=smac.cpu_state(setup["actor"]), critic=smac.cpu_state(setup["critic"]),

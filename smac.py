@@ -535,11 +535,11 @@ def train(args: Args) -> dict:
 
         if update % args.log_freq == 0:
             sps = int(update / (time.time() - start_time - eval_seconds))  # updates per second, evaluation excluded
-            scalars = dict(td_loss=td_loss, score_loss=score_loss, q_values=q_data.mean(), actor_loss=sac_loss,
-                           bc_loss=bc_loss, alpha=alpha, SPS=sps)
+            scalars = dict(td_loss=td_loss.item(), score_loss=score_loss.item(), q_values=q_data.mean().item(),
+                           actor_loss=sac_loss.item(), bc_loss=bc_loss.item(), alpha=alpha, SPS=sps)
             for name, value in scalars.items():
-                writer.add_scalar(f"offline/{name}", float(value), update)
-            print(f"update={update} td={td_loss.item():.3f} score={score_loss.item():.3f} SPS={sps}")
+                writer.add_scalar(f"offline/{name}", value, update)
+            print(f"update={update} td={scalars['td_loss']:.3f} score={scalars['score_loss']:.3f} SPS={sps}")
 
         if update == args.total_updates or (args.eval_freq > 0 and update % args.eval_freq == 0):
             eval_start = time.time()
