@@ -107,12 +107,7 @@ def setup_online(args, device: torch.device) -> dict:
             raise smac.SMACError("--offline-ratio needs a --checkpoint (its dataset and normalization)")
         path = args.dataset_path or ckpt["args"]["dataset_path"]
         data = smac.load_dataset(env_name, path, obs_dim, act_dim)
-        for key in ("observations", "next_observations"):
-            data[key] = (data[key] - obs_mean) / obs_std
-        data["actions"] = data["actions"].clip(-ckpt["args"]["action_clip"], ckpt["args"]["action_clip"])
-        del data["timeouts"]
-        offline = smac.ReplayBuffer(len(data["rewards"]), obs_dim, act_dim, device)
-        offline.add(**data)
+        offline = smac.dataset_buffer(data, obs_mean, obs_std, ckpt["args"]["action_clip"], device)
     learning_starts = args.learning_starts
     if learning_starts is None:
         learning_starts = 5000 if args.checkpoint is None else 1000

@@ -230,6 +230,15 @@ class ReplayBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
 
+def dataset_buffer(data: dict, obs_mean, obs_std, action_clip: float, device: torch.device) -> ReplayBuffer:
+    """The dataset as a replay buffer: observations normalized, actions clipped just inside (-1, 1) for atanh."""
+    buffer = ReplayBuffer(len(data["rewards"]), len(obs_mean), data["actions"].shape[1], device)
+    buffer.add(observations=(data["observations"] - obs_mean) / obs_std, rewards=data["rewards"],
+               actions=data["actions"].clip(-action_clip, action_clip), dones=data["dones"],
+               next_observations=(data["next_observations"] - obs_mean) / obs_std)
+    return buffer
+
+
 # ---------------------------------------------------------------- networks
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 
@@ -471,12 +480,7 @@ def train(args: Args) -> dict:
     obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
     data = load_dataset(args.env, args.dataset_path, obs_dim, act_dim)
     obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
-    for key in ("observations", "next_observations"):
-        data[key] = (data[key] - obs_mean) / obs_std
-    data["actions"] = data["actions"].clip(-args.action_clip, args.action_clip)
-    del data["timeouts"]
-    buffer = ReplayBuffer(len(data["rewards"]), obs_dim, act_dim, device)
-    buffer.add(**data)
+    buffer = dataset_buffer(data, obs_mean, obs_std, args.action_clip, device)
     eval_env = make_env(args.env, obs_mean, obs_std)
 
     actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
@@ -489,7 +493,7 @@ def train(args: Args) -> dict:
 
     os.makedirs(run_dir, exist_ok=True)
     writer = start_logging(args, run_name, run_dir)
-    print(f"{run_name}: {len(data['rewards'])} transitions, obs {obs_dim}, act {act_dim}, device {device}")
+    print(f"{run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, device {device}")
     history, start_time, eval_seconds = [], time.time(), 0.0
     for update in range(1, args.total_updates + 1):
         batch = buffer.sample(args.batch_size)
