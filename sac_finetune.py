@@ -175,6 +175,7 @@ def finish(setup: dict, args, log: OnlineLog, run_dir: str, alpha: float, writer
         target_critic=smac.cpu_state(setup["target_critic"]), alpha=float(alpha), env=setup["env_name"],
         obs_mean=torch.as_tensor(setup["obs_mean"]), obs_std=torch.as_tensor(setup["obs_std"]),
         obs_dim=setup["obs_dim"], act_dim=setup["act_dim"], hidden_dim=setup["actor"].net[0].out_features,
+        critic_density_scale=setup["critic"].density_scale,
         args=ckpt.get("args", {}), online_args=asdict(args), normalized_score=summary["final_score"],
         update=args.total_timesteps, summary=summary)
     for key, value in summary.items():

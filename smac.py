@@ -79,6 +79,8 @@ class Args:
     """match gradients w.r.t. the pre-tanh action u (saturation-safe) or w.r.t. the action a = tanh(u)"""
     bc_coef: float = 10.0
     """weight of the behaviour-cloning term -log pi(a_data|s) in the actor loss (at 1 the baseline collapsed)"""
+    critic_density: bool = False
+    """if toggled, each critic adds alpha * log N_tanh(a; m(s), s(s)^2) with a learned head (m, s): see TwinCritic"""
     action_clip: float = 0.999
     """dataset actions are clipped to [-action_clip, action_clip] so that atanh stays finite"""
     eval_freq: int = 10_000
@@ -287,12 +289,17 @@ def tanh_gaussian_score(mean: torch.Tensor, log_std: torch.Tensor, u: torch.Tens
 
 
 class TwinCritic(nn.Module):
-    """Q_1 and Q_2 as two ordinary MLPs, evaluated together as one batched matmul per layer."""
+    """Q_1 and Q_2 as two ordinary MLPs, evaluated together as one batched matmul per layer.
+    With density_scale c > 0 both also get a shared state-only head (m(s), log s(s)) and a term of a tanh-Gaussian's
+    log-density:  Q_i(s, a) = MLP_i(s, a) + c * log N_tanh(a; m(s), s(s)^2).  A ReLU MLP has a piecewise-constant
+    action gradient, so it fits the linear-in-u score -(u - mu)/sigma^2 poorly; this term can equal
+    alpha * log pi(a|s) exactly (m = mu, s = sigma, c = alpha) and leaves the MLP a flat action gradient to learn."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, density_scale: float = 0.0):
         super().__init__()
-        self.obs_dim = obs_dim
+        self.obs_dim, self.density_scale = obs_dim, density_scale
         self.qs = nn.ModuleList([mlp(obs_dim + act_dim, 1, hidden) for _ in range(2)])
+        self.density = mlp(obs_dim, 2 * act_dim, hidden) if density_scale > 0 else None
 
     def _hidden(self, obs: torch.Tensor, actions: torch.Tensor):
         """obs (B, o); actions (B, a) shared by both critics or (2, B, a), one set per critic."""
@@ -305,10 +312,20 @@ class TwinCritic(nn.Module):
         h2 = F.relu(torch.baddbmm(b2, h1, w2.transpose(1, 2)))
         return h1, h2, (w1, w2, w3, b3)
 
+    def _density_term(self, obs: torch.Tensor, actions: torch.Tensor):
+        """c * log N_tanh(a; m(s), s(s)^2) and its gradient w.r.t. a; zeros without the head."""
+        if self.density is None:
+            return torch.zeros((), device=obs.device), torch.zeros((), device=obs.device)
+        m, log_s = self.density(obs).chunk(2, dim=-1)
+        u = torch.atanh(actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6))  # float32 tanh can round to exactly +-1
+        log_s = log_s.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        c = self.density_scale
+        return c * tanh_gaussian_log_prob(m, log_s, u), c * tanh_gaussian_score(m, log_s, u, "action")
+
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q_i(s, a) for both critics, shape (2, B)."""
         _, h2, (_, _, w3, b3) = self._hidden(obs, actions)
-        return torch.baddbmm(b3, h2, w3.transpose(1, 2)).squeeze(-1)
+        return torch.baddbmm(b3, h2, w3.transpose(1, 2)).squeeze(-1) + self._density_term(obs, actions)[0]
 
     def value_and_action_grad(self, obs: torch.Tensor, actions: torch.Tensor):
         """Q_i(s, a), shape (2, B), and grad_a Q_i(s, a), shape (2, B, a), as one differentiable expression.
@@ -320,7 +337,8 @@ class TwinCritic(nn.Module):
         q = torch.baddbmm(b3, h2, w3.transpose(1, 2)).squeeze(-1)
         grad_h2 = w3 * (h2 > 0)  # (2, B, hidden)
         grad_h1 = torch.bmm(grad_h2, w2) * (h1 > 0)
-        return q, torch.bmm(grad_h1, w1[:, :, self.obs_dim:])
+        density_value, density_grad = self._density_term(obs, actions)
+        return q + density_value, torch.bmm(grad_h1, w1[:, :, self.obs_dim:]) + density_grad
 
 
 # ---------------------------------------------------------------- the losses
@@ -437,8 +455,10 @@ def load_checkpoint(path: str, device: torch.device):
     if missing:
         raise SMACError(f"{path} is an incomplete SMAC checkpoint: it lacks {missing}")
     obs_dim, act_dim, hidden = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]
-    actor, critic = Actor(obs_dim, act_dim, hidden).to(device), TwinCritic(obs_dim, act_dim, hidden).to(device)
-    target_critic = TwinCritic(obs_dim, act_dim, hidden).to(device)
+    density_scale = ckpt.get("critic_density_scale", 0.0)
+    actor = Actor(obs_dim, act_dim, hidden).to(device)
+    critic = TwinCritic(obs_dim, act_dim, hidden, density_scale).to(device)
+    target_critic = TwinCritic(obs_dim, act_dim, hidden, density_scale).to(device)
     actor.load_state_dict(ckpt["actor"])
     critic.load_state_dict(ckpt["critic"])
     target_critic.load_state_dict(ckpt["target_critic"])
@@ -484,8 +504,9 @@ def train(args: Args) -> dict:
     eval_env = make_env(args.env, obs_mean, obs_std)
 
     actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
-    critic = TwinCritic(obs_dim, act_dim, args.hidden_dim).to(device)
-    target_critic = TwinCritic(obs_dim, act_dim, args.hidden_dim).to(device)
+    density_scale = args.alpha if args.critic_density else 0.0
+    critic = TwinCritic(obs_dim, act_dim, args.hidden_dim, density_scale).to(device)
+    target_critic = TwinCritic(obs_dim, act_dim, args.hidden_dim, density_scale).to(device)
     target_critic.load_state_dict(critic.state_dict())
     actor_opt = make_optimizer(actor, args.actor_lr, args.optimizer)
     critic_opt = make_optimizer(critic, args.critic_lr, args.optimizer)
@@ -559,7 +580,8 @@ def train(args: Args) -> dict:
             save_checkpoint(os.path.join(run_dir, "smac.pt"), actor=cpu_state(actor), critic=cpu_state(critic),
                             target_critic=cpu_state(target_critic), alpha=float(alpha), env=args.env,
                             obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), obs_dim=obs_dim,
-                            act_dim=act_dim, hidden_dim=args.hidden_dim, args=asdict(args), normalized_score=score,
+                            act_dim=act_dim, hidden_dim=args.hidden_dim, critic_density_scale=density_scale,
+                            args=asdict(args), normalized_score=score,
                             update=update, diagnostics=diag, eval_history=history)
             eval_seconds += time.time() - eval_start
     sps = int(args.total_updates / (time.time() - start_time - eval_seconds))

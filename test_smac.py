@@ -112,6 +112,35 @@ def test_twin_critic_equals_two_separate_mlps_and_its_closed_form_gradient_equal
         torch.testing.assert_close(a, b)
 
 
+def test_density_head_closed_form_gradient_equals_autograd_and_can_satisfy_the_score_equation_exactly():
+    torch.manual_seed(0)
+    critic = smac.TwinCritic(OBS_DIM, ACT_DIM, 32, density_scale=0.2)
+    obs, actions = torch.randn(40, OBS_DIM), torch.rand(40, ACT_DIM) * 1.8 - 0.9
+    per_critic = actions.expand(2, -1, -1).clone().requires_grad_(True)
+    q_autograd = critic(obs, per_critic)
+    double = torch.autograd.grad(q_autograd.sum(), per_critic, create_graph=True)[0]
+    q, closed_form = critic.value_and_action_grad(obs, actions)
+    torch.testing.assert_close(q, q_autograd)
+    torch.testing.assert_close(closed_form, double)
+    params = list(critic.parameters())
+    g_double = torch.autograd.grad(double.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
+    g_closed = torch.autograd.grad(closed_form.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
+    for a, b in zip(g_double, g_closed):
+        torch.testing.assert_close(a, b)
+    # head = the actor and flat MLPs: Q = alpha log pi + const, so the residual vanishes; a random head's does not
+    actor = smac.Actor(OBS_DIM, ACT_DIM, 32)
+    mean, log_std = actor(obs)
+    pre_tanh = torch.atanh(actions)
+    _, residual, _ = smac.score_residual(critic, obs, pre_tanh, mean, log_std, 0.2, "pretanh")
+    random_head = residual.pow(2).sum(-1).mean()
+    critic.density.load_state_dict(actor.net.state_dict())
+    with torch.no_grad():
+        for q_net in critic.qs:
+            q_net[4].weight.zero_()
+    _, residual, grad_q = smac.score_residual(critic, obs, pre_tanh, mean, log_std, 0.2, "pretanh")
+    assert residual.pow(2).sum(-1).mean() < 1e-8 * grad_q.pow(2).sum(-1).mean() < 1e-6 * random_head
+
+
 @pytest.mark.parametrize("space", ["pretanh", "action"])
 def test_regularizer_vanishes_for_soft_optimal_critic_and_not_otherwise(space):
     torch.manual_seed(0)
@@ -221,7 +250,8 @@ def test_no_network_names_the_url_and_dataset_path(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- the offline loop, end to end
-@pytest.mark.parametrize("extra", [dict(), dict(score_coef=0.0), dict(optimizer="muon", score_actions="dataset")])
+@pytest.mark.parametrize("extra", [dict(), dict(score_coef=0.0), dict(optimizer="muon", score_actions="dataset"),
+                                   dict(critic_density=True)])
 def test_short_offline_run_writes_a_weights_only_checkpoint(tmp_path, extra):
     result = smac.train(small_args(tmp_path, write_hdf5(tmp_path / "d.hdf5"), **extra))
     ckpt = torch.load(os.path.join(result["run_dir"], "smac.pt"), weights_only=True)
