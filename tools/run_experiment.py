@@ -1,0 +1,319 @@
+"""Transfer experiment: offline SMAC and its baseline, then online SAC and TD3 from every checkpoint.
+
+    python tools/run_experiment.py --name hopper-transfer \
+        --tasks hopper-medium-v2:../shared/datasets/hopper_medium-local.hdf5 --seeds 1 2 3
+
+For each task x method x seed it runs smac.py (method "smac": the defaults; "baseline": the same command with
+--score-coef 0), then sac_finetune.py and td3_finetune.py from that checkpoint. Each run lives in its own fixed
+folder under --run-root with a result.json written when it finished; a repeated command skips those runs, so an
+interrupted sweep resumes. results/<name>/ gets summary.csv, table.md and one plot per task and fine-tuner.
+Engines: a local process pool (--workers), or Slurm through submitit (--engine slurm) with the same command line.
+"""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+import numpy as np
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import smac  # noqa: E402
+
+METHOD_FLAGS = {"smac": [], "baseline": ["--score-coef", "0"]}  # the baseline is the same code without SMAC
+FINETUNERS = {"sac": "sac_finetune.py", "td3": "td3_finetune.py"}
+SUMMARY_COLUMNS = ["dataset", "env", "method", "finetuner", "seed", "offline_score", "step0_score",
+                   "lowest_early_score", "drop", "regret", "final_score", "score_residual_rel", "sac_actor_grad_norm"]
+
+
+@dataclass
+class Args:
+    name: str = "hopper-transfer"
+    """experiment name: results go to <results-dir>/<name>/, runs to <run-root>/<name>/"""
+    tasks: List[str] = field(default_factory=lambda: ["hopper-medium-v2:../shared/datasets/hopper_medium-local.hdf5"])
+    """D4RL env name, optionally ':' and a local D4RL-format HDF5 (named in the results by its file name)"""
+    seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
+    """seeds; each seeds the offline run and both fine-tuning runs"""
+    methods: List[Literal["smac", "baseline"]] = field(default_factory=lambda: ["smac", "baseline"])
+    """offline methods: smac.py's defaults, and the same with --score-coef 0"""
+    finetuners: List[Literal["sac", "td3"]] = field(default_factory=lambda: ["sac", "td3"])
+    """online algorithms run from every offline checkpoint"""
+    offline_updates: int = 50_000
+    """offline gradient updates per run (the full protocol: 1M)"""
+    online_steps: int = 50_000
+    """online environment steps per run (the full protocol: 250k or more)"""
+    offline_eval_freq: int = 5000
+    """offline evaluation interval in updates"""
+    online_eval_freq: int = 1000
+    """online evaluation interval in steps; the drop window (first 10%) needs several evaluations"""
+    eval_episodes: int = 10
+    """evaluation episodes per point"""
+    smac_flags: str = ""
+    """extra flags for smac.py, for both methods (for example "--bc-coef 5")"""
+    finetune_flags: str = ""
+    """extra flags for both fine-tuners"""
+    engine: Literal["local", "slurm", "submitit-local"] = "local"
+    """local: a process pool; slurm: one submitit job per run; submitit-local: submitit's local executor"""
+    workers: int = os.cpu_count() or 1
+    """parallel runs of the local pool"""
+    threads_per_run: int = 1
+    """torch/OpenMP threads of each run (workers x threads should not exceed the cores)"""
+    slurm_partition: Optional[str] = None
+    """Slurm partition (engine slurm)"""
+    slurm_timeout_min: int = 24 * 60
+    """Slurm time limit per run, in minutes"""
+    slurm_gpus_per_run: int = 0
+    """GPUs per Slurm job (smac.py uses CUDA when it finds one)"""
+    results_dir: str = os.path.join(ROOT, "results")
+    """where results/<name>/ (summary.csv, table.md, plots) is written"""
+    run_root: str = os.path.join(ROOT, "runs", "experiments")
+    """where the raw run folders go (not committed)"""
+    collect_only: bool = False
+    """if toggled, run nothing: rebuild summary.csv, table.md and the plots from the finished runs"""
+
+
+def parse_task(task: str):
+    env, _, path = task.partition(":")
+    smac.check_env_name(env)
+    if path and not os.path.isfile(path):
+        raise smac.SMACError(f"dataset file {path} (task {task!r}) does not exist")
+    label = os.path.splitext(os.path.basename(path))[0] if path else env
+    return env, (os.path.abspath(path) if path else None), label
+
+
+# ---------------------------------------------------------------- one run (executed in a worker or a Slurm job)
+def run_job(job: dict) -> dict:
+    """Run one script into job["dir"] and write job["dir"]/result.json; returns the result."""
+    out_dir = job["dir"]
+    if os.path.isdir(out_dir):  # a run interrupted before result.json: start it again from nothing
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir)
+    command = [sys.executable, os.path.join(ROOT, job["script"]), *job["argv"], "--run-dir", out_dir]
+    env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
+    with open(os.path.join(out_dir, "log.txt"), "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {code}); see {out_dir}/log.txt")
+    (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d))]
+    if job["kind"] == "offline":
+        import torch
+
+        ckpt = torch.load(os.path.join(run_dir, "smac.pt"), map_location="cpu", weights_only=True)
+        result = {"checkpoint": os.path.join(run_dir, "smac.pt"), "offline_score": ckpt["normalized_score"],
+                  "curve": ckpt["eval_history"], **ckpt["diagnostics"]}
+    else:
+        with open(os.path.join(run_dir, "metrics.csv")) as f:
+            curve = [[int(row["step"]), float(row["normalized_score"])] for row in csv.DictReader(f)]
+        import torch
+
+        final = torch.load(os.path.join(run_dir, "final.pt"), map_location="cpu", weights_only=True)
+        result = {"checkpoint": os.path.join(run_dir, "final.pt"), "curve": curve, **final["summary"]}
+    tmp = os.path.join(out_dir, "result.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, os.path.join(out_dir, "result.json"))
+    return result
+
+
+def read_result(job: dict) -> Optional[dict]:
+    path = os.path.join(job["dir"], "result.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- the sweep
+def plan(args: Args):
+    """Offline jobs, and for each the online jobs that need its checkpoint."""
+    offline_jobs = []
+    for task in args.tasks:
+        env, path, label = parse_task(task)
+        for method in args.methods:
+            for seed in args.seeds:
+                argv = ["--env", env, "--seed", str(seed), "--total-updates", str(args.offline_updates),
+                        "--eval-freq", str(args.offline_eval_freq), "--eval-episodes", str(args.eval_episodes),
+                        "--exp-name", f"{method}", *METHOD_FLAGS[method], *args.smac_flags.split()]
+                if path:
+                    argv += ["--dataset-path", path]
+                key = dict(dataset=label, env=env, method=method, seed=seed)
+                offline_jobs.append(dict(kind="offline", script="smac.py", argv=argv, key=key,
+                                         dir=os.path.join(args.run_root, args.name, label, method, f"seed{seed}",
+                                                          "offline"), threads=args.threads_per_run))
+    return offline_jobs
+
+
+def online_jobs_for(offline_job: dict, checkpoint: str, args: Args):
+    jobs = []
+    for tuner in args.finetuners:
+        argv = ["--checkpoint", checkpoint, "--seed", str(offline_job["key"]["seed"]),
+                "--total-timesteps", str(args.online_steps), "--eval-freq", str(args.online_eval_freq),
+                "--eval-episodes", str(args.eval_episodes), *args.finetune_flags.split()]
+        jobs.append(dict(kind="online", script=FINETUNERS[tuner], argv=argv, key={**offline_job["key"], "finetuner": tuner},
+                         dir=os.path.join(os.path.dirname(offline_job["dir"]), tuner), threads=args.threads_per_run))
+    return jobs
+
+
+def make_executor(args: Args):
+    if args.engine == "local":
+        return ProcessPoolExecutor(max_workers=args.workers)
+    import submitit
+
+    folder = os.path.join(args.run_root, args.name, "submitit", "%j")
+    executor = submitit.AutoExecutor(folder=folder, cluster="local" if args.engine == "submitit-local" else "slurm")
+    executor.update_parameters(timeout_min=args.slurm_timeout_min, cpus_per_task=args.threads_per_run)
+    if args.engine == "slurm":
+        executor.update_parameters(slurm_partition=args.slurm_partition, gpus_per_node=args.slurm_gpus_per_run)
+    return executor
+
+
+def run_sweep(args: Args) -> List[str]:
+    """Runs every unfinished job (online jobs as soon as their checkpoint exists); returns the failures."""
+    executor, pending, failures = make_executor(args), [], []
+
+    def schedule(job):
+        result = read_result(job)
+        if result is not None:
+            print(f"done already: {job['dir']}")
+            return finished(job, result)
+        print(f"start: {job['dir']}", flush=True)
+        pending.append((executor.submit(run_job, job), job))
+
+    def finished(job, result):
+        if job["kind"] == "offline":
+            for online_job in online_jobs_for(job, result["checkpoint"], args):
+                schedule(online_job)
+
+    for job in plan(args):
+        schedule(job)
+    while pending:
+        time.sleep(0.5)
+        for future, job in [p for p in pending if p[0].done()]:
+            pending.remove((future, job))
+            try:
+                result = future.result()
+            except Exception as e:  # one failed run does not stop the others
+                failures.append(f"{job['dir']}: {e}")
+                print(f"FAILED: {job['dir']}: {e}", flush=True)
+                continue
+            print(f"finished: {job['dir']}", flush=True)
+            finished(job, result)
+            collect(args)
+    if hasattr(executor, "shutdown"):
+        executor.shutdown()
+    return failures
+
+
+# ---------------------------------------------------------------- summary, table and plots
+def finished_runs(args: Args):
+    """(offline job, offline result, {finetuner: online result}) for every finished offline run."""
+    for job in plan(args):
+        result = read_result(job)
+        if result is None:
+            continue
+        online = {j["key"]["finetuner"]: read_result(j) for j in online_jobs_for(job, result["checkpoint"], args)}
+        yield job, result, {k: v for k, v in online.items() if v is not None}
+
+
+def collect(args: Args) -> List[dict]:
+    out = os.path.join(args.results_dir, args.name)
+    os.makedirs(out, exist_ok=True)
+    rows = []
+    for job, offline, online in finished_runs(args):
+        for tuner, result in online.items():
+            rows.append({**job["key"], "finetuner": tuner, "offline_score": offline["offline_score"],
+                         "score_residual_rel": offline["score_residual_rel"],
+                         "sac_actor_grad_norm": offline["sac_actor_grad_norm"],
+                         **{k: result[k] for k in ("step0_score", "lowest_early_score", "drop", "regret",
+                                                   "final_score")}})
+    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, SUMMARY_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: f"{v:.4f}" if isinstance(v, float) else v for k, v in row.items()})
+    write_table(rows, os.path.join(out, "table.md"))
+    plot(args, out)
+    return rows
+
+
+def write_table(rows: List[dict], path: str) -> None:
+    """Mean and std over seeds per dataset x fine-tuner x method, as a Markdown table."""
+    metrics = ["offline_score", "step0_score", "lowest_early_score", "drop", "regret", "final_score"]
+    lines = ["| dataset | fine-tuner | method | seeds | " + " | ".join(metrics) + " |",
+             "|---|---|---|---|" + "---|" * len(metrics)]
+    groups = sorted({(r["dataset"], r["finetuner"], r["method"]) for r in rows})
+    for dataset, tuner, method in groups:
+        group = [r for r in rows if (r["dataset"], r["finetuner"], r["method"]) == (dataset, tuner, method)]
+        cells = []
+        for m in metrics:
+            values = np.array([r[m] for r in group], dtype=float)
+            digits = 3 if m == "regret" else 1
+            cells.append(f"{values.mean():.{digits}f} ± {values.std():.{digits}f}")
+        lines.append(f"| {dataset} | {tuner} | {method} | {len(group)} | " + " | ".join(cells) + " |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(args: Args, out: str) -> None:
+    """Per dataset and fine-tuner: offline curve, then online curve after the hand-over; mean and std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}  # (dataset, tuner, method) -> list of (steps, scores), one per seed
+    for job, offline, online in finished_runs(args):
+        offline_curve = np.array(offline["curve"], dtype=float).reshape(-1, 2)
+        for tuner, result in online.items():
+            online_curve = np.array(result["curve"], dtype=float)
+            online_curve[:, 0] += args.offline_updates  # online step 0 is the hand-over
+            curve = np.concatenate([offline_curve, online_curve[1:]])  # step 0 repeats the offline final score
+            key = (job["key"]["dataset"], tuner, job["key"]["method"])
+            curves.setdefault(key, []).append(curve)
+    colors = {"smac": "tab:blue", "baseline": "tab:orange"}
+    for dataset, tuner in sorted({k[:2] for k in curves}):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for method in args.methods:
+            runs = curves.get((dataset, tuner, method), [])
+            if not runs:
+                continue
+            length = min(len(c) for c in runs)  # unfinished seeds are not plotted beyond their shortest common part
+            steps, scores = runs[0][:length, 0], np.stack([c[:length, 1] for c in runs])
+            mean, std = scores.mean(0), scores.std(0)
+            ax.plot(steps, mean, color=colors[method], label=f"{method} (n={len(runs)})")
+            ax.fill_between(steps, mean - std, mean + std, color=colors[method], alpha=0.2)
+        ax.axvline(args.offline_updates, color="black", linestyle="--", linewidth=1)
+        ax.text(args.offline_updates, ax.get_ylim()[1], f" hand-over to {tuner.upper()}", va="top", fontsize=9)
+        ax.set_xlabel("offline updates, then online environment steps")
+        ax.set_ylabel("normalized score")
+        ax.set_title(f"{dataset}: offline then online {tuner.upper()} (mean ± std over seeds)")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"{dataset}_{tuner}.png"), dpi=110)
+        plt.close(fig)
+
+
+def main(args: Args) -> int:
+    for task in args.tasks:
+        parse_task(task)
+    failures = [] if args.collect_only else run_sweep(args)
+    rows = collect(args)
+    print(f"{len(rows)} finished online runs in {os.path.join(args.results_dir, args.name, 'summary.csv')}")
+    for failure in failures:
+        print(f"failed: {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(tyro.cli(Args)))
+    except smac.SMACError as e:
+        sys.exit(f"error: {e}")
