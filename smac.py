@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -79,8 +79,8 @@ class Args:
     """match gradients w.r.t. the pre-tanh action u (saturation-safe) or w.r.t. the action a = tanh(u)"""
     bc_coef: float = 10.0
     """weight of the behaviour-cloning term -log pi(a_data|s) in the actor loss (at 1 the baseline collapsed)"""
-    critic_density: bool = False
-    """if toggled, each critic adds alpha * log N_tanh(a; m(s), s(s)^2) with a learned head (m, s): see TwinCritic"""
+    critic_density: bool = True
+    """each critic adds alpha * log N_tanh(a; m(s), s(s)^2) with a learned head (m, s): see TwinCritic"""
     action_clip: float = 0.999
     """dataset actions are clipped to [-action_clip, action_clip] so that atanh stays finite"""
     eval_freq: int = 10_000
@@ -491,6 +491,8 @@ def start_logging(args, run_name: str, run_dir: str) -> SummaryWriter:
 # ---------------------------------------------------------------- the offline loop
 def train(args: Args) -> dict:
     check_env_name(args.env)
+    if args.dataset_path:  # the checkpoint keeps it (for --offline-ratio), so it must not depend on the cwd
+        args = replace(args, dataset_path=os.path.abspath(args.dataset_path))
     run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.run_dir, run_name)
     seed_everything(args.seed, args.torch_deterministic)

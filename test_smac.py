@@ -251,7 +251,7 @@ def test_no_network_names_the_url_and_dataset_path(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- the offline loop, end to end
 @pytest.mark.parametrize("extra", [dict(), dict(score_coef=0.0), dict(optimizer="muon", score_actions="dataset"),
-                                   dict(critic_density=True)])
+                                   dict(critic_density=False)])
 def test_short_offline_run_writes_a_weights_only_checkpoint(tmp_path, extra):
     result = smac.train(small_args(tmp_path, write_hdf5(tmp_path / "d.hdf5"), **extra))
     ckpt = torch.load(os.path.join(result["run_dir"], "smac.pt"), weights_only=True)

@@ -157,7 +157,8 @@ def online_jobs_for(offline_job: dict, checkpoint: str, args: Args):
         argv = ["--checkpoint", checkpoint, "--seed", str(offline_job["key"]["seed"]),
                 "--total-timesteps", str(args.online_steps), "--eval-freq", str(args.online_eval_freq),
                 "--eval-episodes", str(args.eval_episodes), *args.finetune_flags.split()]
-        jobs.append(dict(kind="online", script=FINETUNERS[tuner], argv=argv, key={**offline_job["key"], "finetuner": tuner},
+        key = {**offline_job["key"], "finetuner": tuner}
+        jobs.append(dict(kind="online", script=FINETUNERS[tuner], argv=argv, key=key,
                          dir=os.path.join(os.path.dirname(offline_job["dir"]), tuner), threads=args.threads_per_run))
     return jobs
 
