@@ -459,9 +459,12 @@ def load_checkpoint(path: str, device: torch.device):
     actor = Actor(obs_dim, act_dim, hidden).to(device)
     critic = TwinCritic(obs_dim, act_dim, hidden, density_scale).to(device)
     target_critic = TwinCritic(obs_dim, act_dim, hidden, density_scale).to(device)
-    actor.load_state_dict(ckpt["actor"])
-    critic.load_state_dict(ckpt["critic"])
-    target_critic.load_state_dict(ckpt["target_critic"])
+    try:
+        actor.load_state_dict(ckpt["actor"])
+        critic.load_state_dict(ckpt["critic"])
+        target_critic.load_state_dict(ckpt["target_critic"])
+    except RuntimeError as e:  # missing or mis-shaped weights
+        raise SMACError(f"{path}: the networks do not match the recorded shapes ({str(e)[:200]})") from e
     return ckpt, actor, critic, target_critic
 
 
