@@ -137,8 +137,8 @@ def plan(args: Args):
     offline_jobs = []
     for task in args.tasks:
         env, path, label = parse_task(task)
-        for method in args.methods:
-            for seed in args.seeds:
+        for seed in args.seeds:  # seed-major: a sweep stopped half-way has SMAC and baseline for the same seeds
+            for method in args.methods:
                 argv = ["--env", env, "--seed", str(seed), "--total-updates", str(args.offline_updates),
                         "--eval-freq", str(args.offline_eval_freq), "--eval-episodes", str(args.eval_episodes),
                         "--exp-name", f"{method}", *METHOD_FLAGS[method], *args.smac_flags.split()]
