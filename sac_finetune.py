@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -60,6 +60,8 @@ class Args:
     """learning rate of the actor"""
     q_lr: float = 3e-4
     """learning rate of the critics"""
+    optimizer: Literal["adam", "muon"] = "adam"
+    """adam, or muon: torch.optim.Muon on 2-D weight matrices and AdamW on the rest (as smac.py --optimizer)"""
     policy_frequency: int = 2
     """the actor (and alpha) is updated every this many steps, that many times (delayed updates, as CleanRL)"""
     learning_starts: Optional[int] = None
@@ -201,8 +203,8 @@ def train(args: Args) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     writer = smac.start_logging(args, run_name, run_dir)
 
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr)
+    actor_opt = smac.make_optimizer(actor, args.policy_lr, args.optimizer)
+    critic_opt = smac.make_optimizer(critic, args.q_lr, args.optimizer)
     log_alpha = torch.tensor(math.log(args.alpha or setup["ckpt"]["alpha"]), device=device, requires_grad=True)
     alpha = log_alpha.exp().item()
     alpha_opt = torch.optim.Adam([log_alpha], lr=args.q_lr)

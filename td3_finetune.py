@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import tyro
@@ -58,6 +58,8 @@ class Args:
     """learning rate of the actor"""
     q_lr: float = 3e-4
     """learning rate of the critics"""
+    optimizer: Literal["adam", "muon"] = "adam"
+    """adam, or muon: torch.optim.Muon on 2-D weight matrices and AdamW on the rest (as smac.py --optimizer)"""
     policy_frequency: int = 2
     """the actor and the targets are updated every this many steps (TD3's delay)"""
     exploration_noise: float = 0.1
@@ -95,8 +97,8 @@ def train(args: Args) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     writer = smac.start_logging(args, run_name, run_dir)
 
-    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
-    critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr)
+    actor_opt = smac.make_optimizer(actor, args.policy_lr, args.optimizer)
+    critic_opt = smac.make_optimizer(critic, args.q_lr, args.optimizer)
     buffer = smac.ReplayBuffer(min(args.buffer_size, args.total_timesteps), setup["obs_dim"], setup["act_dim"], device)
     log = OnlineLog(run_dir, setup["env_name"], args.total_timesteps, writer)
     log.evaluate(0, actor, setup["eval_env"], args, device)  # the offline policy's mean action opens the curve

@@ -307,7 +307,9 @@ def online_args(module, tmp_path, checkpoint, **kw):
 
 
 @pytest.mark.parametrize("module, extra", [(sac_finetune, dict(offline_ratio=0.5)), (td3_finetune, dict(bc_coef=0.4)),
-                                           (sac_finetune, dict()), (td3_finetune, dict())])
+                                           (sac_finetune, dict()), (td3_finetune, dict()),
+                                           (sac_finetune, dict(optimizer="muon")),
+                                           (td3_finetune, dict(optimizer="muon"))])
 def test_finetuner_opens_with_the_offline_score_and_writes_metrics_and_final_checkpoint(
         tmp_path, offline_checkpoint, module, extra):
     path, offline = offline_checkpoint
