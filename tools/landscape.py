@@ -94,17 +94,17 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for label, rows in results.items():
         t, mean, std = np.array(rows).T
         line, = ax.plot(t, mean, marker="o", markersize=3, label=label)
         ax.fill_between(t, mean - std, mean + std, color=line.get_color(), alpha=0.15)
     for x, name in ((0.0, "offline"), (1.0, "fine-tuned")):
         ax.axvline(x, color="gray", linestyle=":", linewidth=1)
-        ax.text(x, ax.get_ylim()[1], f" {name}", va="top", fontsize=8)
+        ax.text(x, ax.get_ylim()[0], f" {name}", va="bottom", fontsize=8)
     ax.set_xlabel("t   (actor = (1 - t) offline + t fine-tuned)")
     ax.set_ylabel("normalized return (mean ± std over episodes)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves cross everywhere
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
