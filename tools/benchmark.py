@@ -37,6 +37,8 @@ CONFIGS = {
     "score-coef 0 (baseline)": dict(score_coef=0.0),
     "SMAC, dataset actions": dict(score_actions="dataset"),
     "SMAC, dataset + policy actions": dict(score_actions="both"),
+    "SMAC, dataset + policy actions, plain critic": dict(score_actions="both", critic_density=False),
+    "score-coef 0, plain critic": dict(score_coef=0.0, critic_density=False),
 }
 
 
