@@ -7,6 +7,7 @@ This file also holds the online helpers that td3_finetune.py imports: set-up fro
 with drop and regret, and the final checkpoint.
 """
 
+import copy
 import csv
 import math
 import os
@@ -75,7 +76,9 @@ class Args:
     offline_ratio: float = 0.0
     """fraction of each minibatch drawn from the checkpoint's offline dataset (0: online data only)"""
     eval_freq: int = 5000
-    """evaluate every this many online steps (step 0 is always evaluated)"""
+    """evaluate every this many online steps (also at step 0 and after 100, 500 and 1000 updates)"""
+    drop_window: Optional[int] = None
+    """drop = step-0 score - lowest evaluation within this many updates; default max(5000, 10% of the updates)"""
     eval_episodes: int = 10
     """number of deterministic evaluation episodes"""
     eval_seed: int = 0
@@ -94,7 +97,8 @@ def setup_online(args, device: torch.device) -> dict:
         actor, critic = smac.Actor(obs_dim, act_dim).to(device), smac.TwinCritic(obs_dim, act_dim).to(device)
         target_critic = smac.TwinCritic(obs_dim, act_dim).to(device)
         target_critic.load_state_dict(critic.state_dict())
-        ckpt = {"env": args.env, "alpha": 0.2, "obs_mean": obs_mean, "obs_std": obs_std}
+        ckpt = {"env": args.env, "alpha": 0.2, "obs_mean": obs_mean, "obs_std": obs_std,
+                "probe_obs": torch.zeros(0, obs_dim)}  # no offline policy: KL to it is nan
     else:
         ckpt, actor, critic, target_critic = smac.load_checkpoint(args.checkpoint, device)
         if args.env is not None and args.env != ckpt["env"]:
@@ -109,13 +113,14 @@ def setup_online(args, device: torch.device) -> dict:
             raise smac.SMACError("--offline-ratio needs a --checkpoint (its dataset and normalization)")
         path = args.dataset_path or ckpt["args"]["dataset_path"]
         data = smac.load_dataset(env_name, path, obs_dim, act_dim)
-        offline = smac.dataset_buffer(data, obs_mean, obs_std, ckpt["args"]["action_clip"], device)
+        offline = smac.dataset_buffer(data, obs_mean, obs_std, device)
     learning_starts = args.learning_starts
     if learning_starts is None:
         learning_starts = 5000 if args.checkpoint is None else 1000
     return dict(ckpt=ckpt, env_name=env_name, env=env, eval_env=eval_env, actor=actor, critic=critic,
                 target_critic=target_critic, obs_mean=obs_mean, obs_std=obs_std, obs_dim=obs_dim, act_dim=act_dim,
-                offline=offline, learning_starts=learning_starts)
+                offline=offline, learning_starts=learning_starts,
+                probe_obs=ckpt["probe_obs"].to(device))
 
 
 def sample_batch(online: smac.ReplayBuffer, offline: Optional[smac.ReplayBuffer], args) -> dict:
@@ -127,17 +132,32 @@ def sample_batch(online: smac.ReplayBuffer, offline: Optional[smac.ReplayBuffer]
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
+HANDOVER_UPDATES = (100, 500, 1000)  # extra evaluations (score and KL to the offline policy) after the hand-over
+
+
 class OnlineLog:
     """Evaluations, training episodes, metrics.csv and the transfer metrics of one online run.
-    drop   = max(0, score at step 0 - lowest evaluation score in the first 10% of online steps), normalized points
-    regret = mean over online training episodes of (1 - normalized return / 100)   (as Cal-QL and CORL)"""
+    drop   = max(0, score at step 0 - lowest evaluation within the first drop_window updates), normalized points;
+             counted in updates, from the step at which updates begin, so a fall caused by them is always seen
+    regret = mean over online training episodes of (1 - normalized return / 100)   (as Cal-QL and CORL)
+    The hand-over diagnostics: kl_to_offline = mean KL(pi_offline || pi_t) at the checkpoint's probe dataset states
+    at each evaluation; td_grad_ratio = norm of the critic's TD-loss gradient over the first 10 online updates,
+    relative to its offline value on the dataset."""
 
-    def __init__(self, run_dir: str, env_name: str, total_timesteps: int, writer):
-        self.path, self.env_name, self.total = os.path.join(run_dir, "metrics.csv"), env_name, total_timesteps
-        self.writer = writer
-        self.evals, self.train_scores, self.pending = [], [], []
+    def __init__(self, run_dir: str, env_name: str, args, setup: dict, writer):
+        self.path, self.env_name, self.writer = os.path.join(run_dir, "metrics.csv"), env_name, writer
+        self.learning_starts = setup["learning_starts"]
+        updates = max(0, args.total_timesteps - self.learning_starts)
+        self.drop_window = args.drop_window if args.drop_window is not None else max(5000, updates // 10)
+        if self.drop_window < 0:
+            raise smac.SMACError(f"--drop-window must be >= 0, got {self.drop_window}")
+        self.eval_steps = {self.learning_starts + u for u in HANDOVER_UPDATES if self.learning_starts + u < args.total_timesteps}
+        self.offline_actor = copy.deepcopy(setup["actor"]).requires_grad_(False)
+        self.probe_obs = setup["probe_obs"]
+        self.offline_td_grad_norm = setup["ckpt"].get("diagnostics", {}).get("td_grad_norm", math.nan)
+        self.evals, self.train_scores, self.pending, self.td_grad_norms, self.kl = [], [], [], [], {}
         with open(self.path, "w", newline="") as f:
-            csv.writer(f).writerow(["step", "normalized_score", "train_episode_returns"])
+            csv.writer(f).writerow(["step", "updates", "normalized_score", "kl_to_offline", "train_episode_returns"])
 
     def episode(self, step: int, episode_return: float) -> None:
         score = smac.normalized_score(self.env_name, episode_return)
@@ -146,38 +166,54 @@ class OnlineLog:
         self.writer.add_scalar("charts/episodic_return", episode_return, step)
         self.writer.add_scalar("charts/normalized_return", score, step)
 
+    def critic_step(self, critic) -> None:
+        """Call after the critic's backward: records the TD-gradient norm of the first 10 online updates."""
+        if len(self.td_grad_norms) < 10:
+            self.td_grad_norms.append(torch.sqrt(sum((p.grad**2).sum() for p in critic.parameters())).item())
+
+    @torch.no_grad()
+    def kl_to_offline(self, actor) -> float:
+        if len(self.probe_obs) == 0:
+            return math.nan
+        return smac.gaussian_kl(*self.offline_actor(self.probe_obs), *actor(self.probe_obs)).mean().item()
+
+    def due(self, step: int, args) -> bool:
+        return step % args.eval_freq == 0 or step == args.total_timesteps or step in self.eval_steps
+
     def evaluate(self, step: int, actor, eval_env, args, device) -> float:
         returns = smac.evaluate(actor, eval_env, args.eval_episodes, args.eval_seed, device)
         score = float(np.mean([smac.normalized_score(self.env_name, r) for r in returns]))
+        updates, kl = max(0, step - self.learning_starts), self.kl_to_offline(actor)
         self.evals.append((step, score))
+        self.kl[updates] = kl
         with open(self.path, "a", newline="") as f:  # one row per evaluation, written as it happens
-            csv.writer(f).writerow([step, f"{score:.4f}", " ".join(f"{r:.2f}" for r in self.pending)])
+            csv.writer(f).writerow([step, updates, f"{score:.4f}", f"{kl:.5g}", " ".join(f"{r:.2f}" for r in self.pending)])
         self.pending = []
         self.writer.add_scalar("eval/normalized_score", score, step)
-        print(f"eval step={step} normalized_score={score:.1f}", flush=True)
+        self.writer.add_scalar("eval/kl_to_offline", kl, step)
+        print(f"eval step={step} updates={updates} normalized_score={score:.1f} kl_to_offline={kl:.4g}", flush=True)
         return score
 
     def summary(self) -> dict:
         start = self.evals[0][1]
-        early = [score for step, score in self.evals if step <= 0.1 * self.total]
+        early = [score for step, score in self.evals if step <= self.learning_starts + self.drop_window]
         regret = float(np.mean([1.0 - s / 100.0 for s in self.train_scores])) if self.train_scores else math.nan
+        td_ratio = float(np.mean(self.td_grad_norms)) / self.offline_td_grad_norm if self.td_grad_norms else math.nan
         return {"step0_score": start, "lowest_early_score": min(early), "drop": max(0.0, start - min(early)),
-                "regret": regret, "final_score": self.evals[-1][1], "train_episodes": len(self.train_scores)}
+                "regret": regret, "final_score": self.evals[-1][1], "train_episodes": len(self.train_scores),
+                "td_grad_ratio": td_ratio, **{f"kl_{u}": self.kl.get(u, math.nan) for u in HANDOVER_UPDATES}}
 
 
 def finish(setup: dict, args, log: OnlineLog, run_dir: str, alpha: float, writer) -> dict:
     """Write the fine-tuned actor-critic as final.pt (same format as smac.pt) and print the summary line."""
     summary = log.summary()
-    if 0.1 * args.total_timesteps <= setup["learning_starts"]:
-        print(f"warning: the drop window (first 10% = {0.1 * args.total_timesteps:.0f} steps) ends before updates "
-              f"begin (--learning-starts {setup['learning_starts']}): drop cannot see a fall caused by the updates")
     ckpt = setup["ckpt"]
     smac.save_checkpoint(
         os.path.join(run_dir, "final.pt"), actor=smac.cpu_state(setup["actor"]), critic=smac.cpu_state(setup["critic"]),
         target_critic=smac.cpu_state(setup["target_critic"]), alpha=float(alpha), env=setup["env_name"],
         obs_mean=torch.as_tensor(setup["obs_mean"]), obs_std=torch.as_tensor(setup["obs_std"]),
         obs_dim=setup["obs_dim"], act_dim=setup["act_dim"], hidden_dim=setup["actor"].net[0].out_features,
-        critic_density_scale=setup["critic"].density_scale,
+        critic_activation=setup["critic"].activation, probe_obs=setup["probe_obs"].cpu(),
         args=ckpt.get("args", {}), online_args=asdict(args), normalized_score=summary["final_score"],
         update=args.total_timesteps, summary=summary)
     for key, value in summary.items():
@@ -203,14 +239,14 @@ def train(args: Args) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     writer = smac.start_logging(args, run_name, run_dir)
 
-    actor_opt = smac.make_optimizer(actor, args.policy_lr, args.optimizer)
-    critic_opt = smac.make_optimizer(critic, args.q_lr, args.optimizer)
+    actor_opt = smac.make_optimizer([actor], args.policy_lr, args.optimizer)
+    critic_opt = smac.make_optimizer([critic], args.q_lr, args.optimizer)
     log_alpha = torch.tensor(math.log(args.alpha or setup["ckpt"]["alpha"]), device=device, requires_grad=True)
     alpha = log_alpha.exp().item()
     alpha_opt = torch.optim.Adam([log_alpha], lr=args.q_lr)
     target_entropy = args.target_entropy if args.target_entropy is not None else -float(setup["act_dim"])
     buffer = smac.ReplayBuffer(min(args.buffer_size, args.total_timesteps), setup["obs_dim"], setup["act_dim"], device)
-    log = OnlineLog(run_dir, setup["env_name"], args.total_timesteps, writer)
+    log = OnlineLog(run_dir, setup["env_name"], args, setup, writer)
     log.evaluate(0, actor, setup["eval_env"], args, device)  # the offline policy opens the curve
 
     obs, _ = env.reset(seed=args.seed)
@@ -236,6 +272,7 @@ def train(args: Args) -> dict:
             critic_loss = (critic(batch["observations"], batch["actions"]) - y).pow(2).mean(1).sum()
             critic_opt.zero_grad()
             critic_loss.backward()
+            log.critic_step(critic)
             critic_opt.step()
 
             if step % args.policy_frequency == 0:
@@ -270,7 +307,7 @@ def train(args: Args) -> dict:
             sps = int(step / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, step)
             print(f"step={step} SPS={sps}", flush=True)
-        if step % args.eval_freq == 0 or step == args.total_timesteps:
+        if log.due(step, args):
             log.evaluate(step, actor, setup["eval_env"], args, device)
     return finish(setup, args, log, run_dir, alpha, writer)
 

@@ -1,11 +1,15 @@
-"""SMAC, Score-Matched Actor-Critic: the offline phase, in one file.
+"""SMAC, Score-Matched Actor-Critic (de Lara and Shkurti, arXiv 2602.17632): the offline phase, in one file.
 
-SAC's soft-optimal policy is pi(a|s) ~ exp(Q(s,a) / alpha), so at that optimum
-    grad_a Q(s,a) = alpha * grad_a log pi(a|s).                                   (the score equation)
-SMAC trains an offline actor-critic whose critic is regularized toward this first-order condition, so that an online
-SAC (or TD3) taking over starts near a stationary point instead of being pulled away from the offline policy.
+SAC's soft-optimal policy is pi*(a|s) = exp(Q*(s,a) / alpha) / Z(s), so
+    grad_a Q*(s,a) = alpha * grad_a log pi*(a|s).                                        (the score equation)
+SMAC asks the offline critic to respect it with the DATASET's score in place of pi*'s: a return-conditioned
+diffusion model estimates grad_a log pi^D(a|s, w), and the critic loss gets
+    kappa * E_{s~D, a~B(A)} || grad_a Q(s,a) - alpha_psi(s) * grad_a log pi^D(a|s, w) ||^2
+with alpha_psi(s) a learned state-dependent scale and B(A) half policy samples, half uniform actions. The actor keeps
+SAC's own loss. An online SAC or TD3 taking over then starts from a critic whose action-gradient already points where
+the data (and so the offline policy) is, instead of being pulled away from it.
 
-Run:  python smac.py --env hopper-medium-v2 [--dataset-path file.hdf5]
+Run:  python smac.py --env hopper-medium-replay-v2 [--dataset-path file.hdf5]
 Then: python sac_finetune.py --checkpoint runs/<run_name>/smac.pt   (or td3_finetune.py)
 """
 
@@ -33,7 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 @dataclass
 class Args:
-    env: str = "hopper-medium-v2"
+    env: str = "hopper-medium-replay-v2"
     """D4RL dataset name, {halfcheetah,hopper,walker2d}-{random,medium,medium-replay,medium-expert,expert}-v2"""
     dataset_path: Optional[str] = None
     """local D4RL-format HDF5 file to use instead of the download/cache"""
@@ -54,11 +58,11 @@ class Args:
     run_dir: str = "runs"
     """folder in which runs/{run_name}/ (TensorBoard logs and smac.pt) is written"""
     total_updates: int = 1_000_000
-    """number of offline gradient updates"""
+    """number of offline actor-critic updates"""
     batch_size: int = 256
     """minibatch size of transitions"""
     hidden_dim: int = 256
-    """width of the two hidden layers of every network"""
+    """width of the hidden layers of every network"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
@@ -66,23 +70,24 @@ class Args:
     actor_lr: float = 3e-4
     """learning rate of the actor"""
     critic_lr: float = 3e-4
-    """learning rate of the critics"""
+    """learning rate of the critics (and of alpha_psi)"""
     optimizer: Literal["adam", "muon"] = "adam"
-    """adam, or muon: torch.optim.Muon on 2-D weight matrices and AdamW on the rest"""
+    """adam, or muon: Muon (float32 Newton-Schulz) on hidden weight matrices and Adam on the rest"""
     alpha: float = 0.2
-    """entropy temperature of the soft TD target and actor loss; also the alpha of the score equation"""
+    """entropy temperature of the soft TD target and the SAC actor loss (fixed offline)"""
+    critic_activation: Literal["relu", "silu"] = "silu"
+    """activation of the critics: a ReLU critic's action-gradient is piecewise constant, a SiLU one's is smooth"""
+    # ---- SMAC arguments
     score_coef: float = 10.0
-    """lambda, weight of the score-matching regularizer (0: the same algorithm without SMAC, the baseline)"""
-    score_actions: Literal["dataset", "policy", "both"] = "both"
-    """actions at which the score equation is imposed: dataset actions, fresh policy samples, or both"""
-    score_space: Literal["pretanh", "action"] = "pretanh"
-    """match gradients w.r.t. the pre-tanh action u (saturation-safe) or w.r.t. the action a = tanh(u)"""
-    bc_coef: float = 10.0
-    """weight of the behaviour-cloning term -log pi(a_data|s) in the actor loss (at 1 the baseline collapsed)"""
-    critic_density: bool = True
-    """each critic adds alpha * log N_tanh(a; m(s), s(s)^2) with a learned head (m, s): see TwinCritic"""
-    action_clip: float = 0.999
-    """dataset actions are clipped to [-action_clip, action_clip] so that atanh stays finite"""
+    """kappa, weight of the score-matching penalty (0: the same offline SAC without SMAC, the baseline)"""
+    score_model_updates: int = 100_000
+    """updates of the diffusion model of the dataset's actions, trained before the actor-critic"""
+    diffusion_steps: int = 10
+    """K, noise steps of the diffusion model (IDQL's variance-preserving schedule; more steps: a sharper k=1 score)"""
+    score_scale_floor: float = 0.2
+    """alpha_psi(s) >= this floor (here alpha: the critic's action-gradient is at least alpha times the data's score)"""
+    return_quantile: float = 0.9
+    """the score is queried at w = this quantile of the dataset's episode returns (w is normalized to [0, 1])"""
     eval_freq: int = 10_000
     """evaluate (and save the checkpoint) every this many updates; 0 evaluates only at the end"""
     eval_episodes: int = 10
@@ -93,6 +98,336 @@ class Args:
     """write training losses to TensorBoard every this many updates"""
 
 
+# ---------------------------------------------------------------- networks
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
+
+
+def mlp(in_dim: int, out_dim: int, hidden: int, activation: str = "relu") -> nn.Sequential:
+    act = ACTIVATIONS[activation]
+    return nn.Sequential(nn.Linear(in_dim, hidden), act(), nn.Linear(hidden, hidden), act(), nn.Linear(hidden, out_dim))
+
+
+class Actor(nn.Module):
+    """Tanh-squashed Gaussian: u ~ N(mu(s), sigma(s)^2), a = tanh(u)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = mlp(obs_dim, 2 * act_dim, hidden)
+
+    def forward(self, obs: torch.Tensor):
+        mean, log_std = self.net(obs).chunk(2, dim=-1)
+        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+        mean, log_std = self(obs)
+        return torch.tanh(mean if deterministic else mean + log_std.exp() * torch.randn_like(mean))
+
+
+def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor):
+    # a = tanh(u), u = mu + sigma * eps;  log pi(a|s) = log N(u; mu, sigma^2) - sum_i log(1 - tanh(u_i)^2)
+    eps = torch.randn_like(mean)
+    u = mean + log_std.exp() * eps
+    log_normal = -0.5 * eps**2 - log_std - 0.5 * math.log(2 * math.pi)
+    log_jacobian = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))  # log(1 - tanh(u)^2), finite for large |u|
+    return torch.tanh(u), (log_normal - log_jacobian).sum(-1)
+
+
+class TwinCritic(nn.Module):
+    """Q_1 and Q_2 as two ordinary MLPs on [s, a], evaluated together as one batched matmul per layer."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, activation: str = "relu"):
+        super().__init__()
+        self.activation = activation
+        self.qs = nn.ModuleList([mlp(obs_dim + act_dim, 1, hidden, activation) for _ in range(2)])
+
+    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Q_i(s, a), shape (2, B); actions (B, a) shared by both critics or (2, B, a), one set per critic."""
+        x = torch.cat([obs.expand(2, *obs.shape), actions.expand(2, *actions.shape[-2:])], dim=-1)
+        act = F.relu if self.activation == "relu" else F.silu
+        for i in (0, 2, 4):
+            weight = torch.stack([q[i].weight for q in self.qs]).transpose(1, 2)
+            x = torch.baddbmm(torch.stack([q[i].bias for q in self.qs]).unsqueeze(1), x, weight)
+            x = act(x) if i < 4 else x
+        return x.squeeze(-1)
+
+
+class ScoreModel(nn.Module):
+    """The behaviour score model: a conditional diffusion model eps_omega(s, a_k, w, k) of the dataset's actions, in
+    IDQL's style (a residual MLP with LayerNorm), conditioned on a trajectory-level return w as in Reinforcement via
+    Supervision. Noising: a_k = sqrt(abar_k) a + sqrt(1 - abar_k) eps, k = 1..K."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, steps: int = 5, blocks: int = 2):
+        super().__init__()
+        self.steps = steps
+        # IDQL's variance-preserving betas: 1 - exp(-b_min / K - (b_max - b_min) (2k - 1) / (2 K^2)), b = 0.1 .. 10
+        k = torch.arange(1, steps + 1, dtype=torch.float32)
+        betas = 1.0 - torch.exp(-0.1 / steps - 0.5 * (10.0 - 0.1) * (2 * k - 1) / steps**2)
+        self.register_buffer("alpha_bars", torch.cumprod(1.0 - betas, 0))
+        self.inp = nn.Linear(act_dim + obs_dim + 1 + 16, hidden)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.Mish(), nn.Linear(4 * hidden, hidden))
+            for _ in range(blocks))
+        self.out = nn.Linear(hidden, act_dim)
+
+    def forward(self, obs, noisy_actions, w, k):
+        """eps_omega(s, a_k, w, k); w (B, 1) in [0, 1], k (B,) integer noise steps in 1..K."""
+        freqs = torch.exp(torch.linspace(0.0, math.log(100.0), 8, device=obs.device))
+        angle = k[:, None].float() * freqs  # a sinusoidal embedding of the noise step
+        x = self.inp(torch.cat([noisy_actions, obs, w, angle.sin(), angle.cos()], -1))
+        for block in self.blocks:
+            x = x + block(x)
+        return self.out(F.mish(x))
+
+    def loss(self, obs, actions, w):
+        # L_omega = E_{k, eps} || eps_omega(s, sqrt(abar_k) a + sqrt(1 - abar_k) eps, w, k) - eps ||^2
+        k = torch.randint(1, self.steps + 1, (len(obs),), device=obs.device)
+        alpha_bar = self.alpha_bars[k - 1][:, None]
+        eps = torch.randn_like(actions)
+        return (self(obs, alpha_bar.sqrt() * actions + (1 - alpha_bar).sqrt() * eps, w, k) - eps).pow(2).mean()
+
+    def score(self, obs, actions, w):
+        # grad_a log p~(a|s, w), p~ = the data's actions blurred by the first noise step: a_1 = sqrt(abar_1) (a + n),
+        # n ~ N(0, (1 - abar_1) / abar_1), so grad_a log p~(a) = -sqrt(abar_1) eps_omega(s, sqrt(abar_1) a, w, 1) /
+        # sqrt(1 - abar_1). Querying at sqrt(abar_1) a rather than at a keeps the field centred on the data's actions
+        # (eps_omega at a itself points to sqrt(abar_1) times them, shrunk toward 0); smooth enough for a critic.
+        k = torch.ones(len(obs), dtype=torch.long, device=obs.device)
+        alpha_bar = self.alpha_bars[0]
+        return -alpha_bar.sqrt() * self(obs, alpha_bar.sqrt() * actions, w, k) / (1.0 - alpha_bar).sqrt()
+
+
+class ScoreScale(nn.Module):
+    """alpha_psi(s) = floor + softplus(g_psi(s)), the learned state-dependent proportion between grad_a Q and the
+    dataset's score. Left free (floor 0), the penalty is also minimized by alpha_psi -> 0 and a critic flat in a."""
+
+    def __init__(self, obs_dim: int, hidden: int = 256, floor: float = 0.0, init: float = 1.0):
+        super().__init__()
+        self.floor, self.net = floor, mlp(obs_dim, 1, hidden)
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, math.log(math.expm1(init)))  # softplus(bias) = init at the start
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.floor + F.softplus(self.net(obs))  # (B, 1)
+
+
+# ---------------------------------------------------------------- the losses (the offline trainer's and the fine-tuners')
+def soft_td_target(actor, target_critic, batch: dict, gamma: float, alpha) -> torch.Tensor:
+    # y = r + gamma * (1 - done) * (min_i Q'_i(s', a') - alpha * log pi(a'|s')),  a' ~ pi(.|s')
+    with torch.no_grad():
+        next_actions, next_log_pi = tanh_gaussian_sample(*actor(batch["next_observations"]))
+        next_v = target_critic(batch["next_observations"], next_actions).min(0).values - alpha * next_log_pi
+        return batch["rewards"].squeeze(-1) + gamma * (1.0 - batch["dones"].squeeze(-1)) * next_v
+
+
+def td_loss(critic, batch: dict, y: torch.Tensor) -> torch.Tensor:
+    # L_TD = sum_i E_D (Q_i(s, a) - y)^2
+    return (critic(batch["observations"], batch["actions"]) - y).pow(2).mean(1).sum()
+
+
+def critic_action_grad(critic: TwinCritic, obs, actions, create_graph: bool = True) -> torch.Tensor:
+    """grad_a Q_i(s, a) for both critics, shape (2, B, a); differentiable w.r.t. the critic (double backprop)."""
+    actions = actions.detach().expand(2, *actions.shape).clone().requires_grad_(True)
+    q = critic(obs, actions)
+    return torch.autograd.grad(q.sum(), actions, create_graph=create_graph)[0]
+
+
+def penalty_actions(mean, log_std) -> torch.Tensor:
+    # B(A): each state gets a policy sample a ~ pi(.|s) or a uniform action a ~ U[-1, 1]^d, with probability 1/2
+    policy_actions = tanh_gaussian_sample(mean, log_std)[0].detach()
+    uniform_actions = torch.rand_like(policy_actions) * 2.0 - 1.0
+    from_policy = torch.rand(len(mean), 1, device=mean.device) < 0.5
+    return torch.where(from_policy, policy_actions, uniform_actions)
+
+
+def score_matching_residual(critic, score_scale, score_model, obs, actions, w):
+    """residual_i = grad_a Q_i(s, a) - alpha_psi(s) * grad_a log pi^D(a|s, w), shape (2, B, a), and its parts."""
+    with torch.no_grad():
+        data_score = score_model.score(obs, actions, w)  # a fixed target: the score model is trained beforehand
+    grad_q = critic_action_grad(critic, obs, actions)
+    return grad_q - score_scale(obs) * data_score, grad_q, data_score
+
+
+def score_matching_loss(residual: torch.Tensor) -> torch.Tensor:
+    # L_SM = sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) grad_a log pi^D(a|s, w) ||^2
+    return residual.pow(2).sum(-1).mean(1).sum()
+
+
+def sac_actor_loss(mean, log_std, obs, critic: TwinCritic, alpha) -> torch.Tensor:
+    # L_pi = E_s E_{a~pi} [alpha * log pi(a|s) - min_i Q_i(s, a)]   (SAC's actor loss, offline and online alike)
+    actions, log_pi = tanh_gaussian_sample(mean, log_std)
+    return (alpha * log_pi - critic(obs, actions).min(0).values).mean()
+
+
+# ---------------------------------------------------------------- the offline loop
+def train(args: Args) -> dict:
+    check_args(args)
+    if args.dataset_path:  # the checkpoint keeps it, so it must not depend on the cwd
+        args = replace(args, dataset_path=os.path.abspath(args.dataset_path))
+    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.run_dir, run_name)
+    seed_everything(args.seed, args.torch_deterministic)
+    device = pick_device(args.cuda)
+
+    probe = gym.make(gym_id(args.env))
+    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
+    data = load_dataset(args.env, args.dataset_path, obs_dim, act_dim)
+    obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    buffer = dataset_buffer(data, obs_mean, obs_std, device)
+    w_query = float(np.quantile(data["episode_return_w"], args.return_quantile))
+    eval_env = make_env(args.env, obs_mean, obs_std)
+
+    actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
+    critic = TwinCritic(obs_dim, act_dim, args.hidden_dim, args.critic_activation).to(device)
+    target_critic = TwinCritic(obs_dim, act_dim, args.hidden_dim, args.critic_activation).to(device)
+    target_critic.load_state_dict(critic.state_dict())
+    score_model = ScoreModel(obs_dim, act_dim, 128, args.diffusion_steps).to(device)  # IDQL: 256 wide; 128 on a CPU
+    score_scale = ScoreScale(obs_dim, args.hidden_dim, args.score_scale_floor).to(device)
+    actor_opt = make_optimizer([actor], args.actor_lr, args.optimizer)
+    critic_opt = make_optimizer([critic, score_scale], args.critic_lr, args.optimizer)
+    score_model_opt = torch.optim.Adam(score_model.parameters(), lr=3e-4)
+    alpha = args.alpha
+
+    os.makedirs(run_dir, exist_ok=True)
+    writer = start_logging(args, run_name, run_dir)
+    print(f"{run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, device {device}, w_query {w_query:.3f}")
+
+    # phase 1: the diffusion model of the dataset's actions, pi^D(a|s, w)
+    start_time = time.time()
+    for update in range(1, (args.score_model_updates if args.score_coef > 0 else 0) + 1):
+        batch = buffer.sample(args.batch_size)
+        diffusion_loss = score_model.loss(batch["observations"], batch["actions"], batch["w"])
+        score_model_opt.zero_grad()
+        diffusion_loss.backward()
+        score_model_opt.step()
+        if update % args.log_freq == 0:
+            writer.add_scalar("score_model/diffusion_loss", diffusion_loss.item(), update)
+            print(f"score model update={update} diffusion_loss={diffusion_loss.item():.4f} "
+                  f"SPS={int(update / (time.time() - start_time))}", flush=True)
+    score_model.requires_grad_(False)
+
+    # phase 2: the actor-critic
+    history, start_time, eval_seconds = [], time.time(), 0.0
+    for update in range(1, args.total_updates + 1):
+        batch = buffer.sample(args.batch_size)
+        obs = batch["observations"]
+        mean, log_std = actor(obs)
+
+        # critic: L_Q = L_TD + kappa * L_SM  (SMAC)
+        y = soft_td_target(actor, target_critic, batch, args.gamma, alpha)
+        critic_td_loss = td_loss(critic, batch, y)
+        if args.score_coef > 0:
+            actions = penalty_actions(mean, log_std)
+            w = torch.full((len(obs), 1), w_query, device=device)
+            residual, grad_q, data_score = score_matching_residual(critic, score_scale, score_model, obs, actions, w)
+            sm_loss = score_matching_loss(residual)
+        else:
+            sm_loss = torch.zeros((), device=device)
+        critic_loss = critic_td_loss + args.score_coef * sm_loss
+        critic_opt.zero_grad()
+        critic_loss.backward()
+        critic_opt.step()
+
+        # actor: L_pi = E_s E_{a~pi}[alpha log pi(a|s) - min_i Q_i(s,a)], SAC's loss unchanged
+        critic.requires_grad_(False)  # the actor loss needs dQ/da only, not the critic's weight gradients
+        actor_loss = sac_actor_loss(mean, log_std, obs, critic, alpha)
+        critic.requires_grad_(True)
+        actor_opt.zero_grad()
+        actor_loss.backward()
+        actor_opt.step()
+
+        with torch.no_grad():  # Q' <- tau Q + (1 - tau) Q'
+            for param, target_param in zip(critic.parameters(), target_critic.parameters()):
+                target_param.lerp_(param, args.tau)
+
+        last = update == args.total_updates or (args.eval_freq > 0 and update % args.eval_freq == 0)
+        if update % args.log_freq == 0 or last:  # checked here only: a check per update syncs a GPU every step
+            check_finite({"the critic loss": critic_loss, "the actor loss": actor_loss}, update)
+        if update % args.log_freq == 0:
+            sps = int(update / (time.time() - start_time - eval_seconds))  # updates per second, evaluation excluded
+            scalars = dict(td_loss=critic_td_loss.item(), score_loss=sm_loss.item(), actor_loss=actor_loss.item(),
+                           q_values=y.mean().item(), SPS=sps)
+            if args.score_coef > 0:
+                scalars["alpha_psi_mean"] = score_scale(obs).mean().item()
+            for name, value in scalars.items():
+                writer.add_scalar(f"offline/{name}", value, update)
+            print(" ".join([f"update={update}"] + [f"{k}={v:.4g}" for k, v in scalars.items()]), flush=True)
+
+        if last:
+            eval_start = time.time()
+            returns = evaluate(actor, eval_env, args.eval_episodes, args.eval_seed, device)
+            score = float(np.mean([normalized_score(args.env, r) for r in returns]))
+            diag = diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, alpha, args, w_query)
+            history.append([update, score])
+            for name, value in [("normalized_score", score), *diag.items()]:
+                writer.add_scalar(f"eval/{name}", value, update)
+            print(f"eval update={update} normalized_score={score:.1f} return={np.mean(returns):.1f} "
+                  + " ".join(f"{k}={v:.3f}" for k, v in diag.items()), flush=True)
+            save_checkpoint(os.path.join(run_dir, "smac.pt"), actor=cpu_state(actor), critic=cpu_state(critic),
+                            target_critic=cpu_state(target_critic), alpha=float(alpha), env=args.env,
+                            obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), obs_dim=obs_dim,
+                            act_dim=act_dim, hidden_dim=args.hidden_dim, critic_activation=args.critic_activation,
+                            probe_obs=probe_states(buffer).cpu(), args=asdict(args), normalized_score=score,
+                            update=update, diagnostics=diag, eval_history=history)
+            eval_seconds += time.time() - eval_start
+    sps = int(args.total_updates / (time.time() - start_time - eval_seconds))
+    writer.close()
+    eval_env.close()
+    print(f"checkpoint: {os.path.join(run_dir, 'smac.pt')}")
+    return {"run_dir": run_dir, "normalized_score": score, "sps": sps, **diag}
+
+
+@torch.no_grad()
+def diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, alpha, args, w_query,
+                batches: int = 10) -> dict:
+    """Where the offline actor-critic stands, averaged over fixed minibatches of dataset states:
+    score_residual_rel   ||grad_a Q_i - alpha_psi grad_a log pi^D|| / ||grad_a Q_i|| at B(A) actions
+    score_cosine         cos(grad_a Q_i, grad_a log pi^D) at B(A) actions; alpha_psi_mean its scale
+    sac_actor_grad_norm  norm of SAC's actor-loss gradient: the distance from a stationary point of online SAC
+    td_grad_norm         norm of the TD loss's critic gradient; the fine-tuners compare theirs with it."""
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(12345)  # the same minibatches every call, and training's random stream is left as it was
+    out = {k: [] for k in ("score_residual_rel", "score_cosine", "alpha_psi_mean", "sac_actor_grad_norm",
+                           "td_grad_norm")}
+    with torch.enable_grad():
+        for _ in range(batches):
+            batch = buffer.sample(256)
+            obs = batch["observations"]
+            mean, log_std = actor(obs)
+            if args.score_coef > 0:
+                w = torch.full((len(obs), 1), w_query, device=obs.device)
+                residual, grad_q, data_score = score_matching_residual(
+                    critic, score_scale, score_model, obs, penalty_actions(mean, log_std), w)
+                out["score_residual_rel"].append((residual.norm() / grad_q.norm().clamp_min(1e-8)).item())
+                out["score_cosine"].append(F.cosine_similarity(grad_q, data_score.expand_as(grad_q), -1).mean().item())
+                out["alpha_psi_mean"].append(score_scale(obs).mean().item())
+            out["sac_actor_grad_norm"].append(grad_norm(sac_actor_loss(mean, log_std, obs, critic, alpha), actor))
+            y = soft_td_target(actor, target_critic, batch, args.gamma, alpha)
+            out["td_grad_norm"].append(grad_norm(td_loss(critic, batch, y), critic))
+    torch.random.set_rng_state(rng_state)
+    return {k: float(np.mean(v)) if v else math.nan for k, v in out.items()}
+
+
+def grad_norm(loss: torch.Tensor, module: nn.Module) -> float:
+    grads = torch.autograd.grad(loss, list(module.parameters()))
+    return torch.sqrt(sum((g**2).sum() for g in grads)).item()
+
+
+def probe_states(buffer, n: int = 1024) -> torch.Tensor:
+    """A fixed set of dataset states (normalized) at which the fine-tuners measure KL(pi_offline || pi_t)."""
+    idx = torch.linspace(0, buffer.size - 1, min(n, buffer.size), device=buffer.device).long()
+    return buffer.data["observations"][idx]
+
+
+def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q) -> torch.Tensor:
+    # KL(pi_p || pi_q) of two tanh-Gaussians = KL of their Gaussians (tanh is a bijection); summed over dimensions
+    var_ratio = torch.exp(2 * (log_std_p - log_std_q))
+    return 0.5 * (var_ratio + ((mean_p - mean_q) / log_std_q.exp()) ** 2 - 1.0 - torch.log(var_ratio)).sum(-1)
+
+
+# ======================================================================================================================
+# Plumbing below: argument checks, D4RL data without the d4rl package, evaluation, replay, optimizers, checkpoints.
+# ======================================================================================================================
+
 # D4RL's v2 data came from the v3 MuJoCo envs; gymnasium's v4 envs have the same model (v5 changed it), so v4 it is.
 warnings.filterwarnings("ignore", message=".*is out of date. You should consider upgrading to version `v5`")
 
@@ -101,7 +436,20 @@ class SMACError(Exception):
     """Bad input or a failed run: the message says what and how to fix it."""
 
 
-# ---------------------------------------------------------------- D4RL datasets, without the d4rl package
+def check_args(args: Args) -> None:
+    check_env_name(args.env)
+    if not 0.0 <= args.return_quantile <= 1.0:
+        raise SMACError(f"--return-quantile must be in [0, 1], got {args.return_quantile}")
+    if args.score_coef < 0 or args.diffusion_steps < 1 or args.score_model_updates < 0:
+        raise SMACError("--score-coef and --score-model-updates must be >= 0 and --diffusion-steps >= 1")
+
+
+def check_finite(losses: dict, update: int) -> None:
+    for what, loss in losses.items():
+        if not torch.isfinite(loss):
+            raise SMACError(f"{what} became {loss.item()} by update {update}; the last good checkpoint is kept")
+
+
 D4RL_ENVS = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4"}
 D4RL_DATASETS = ("random", "medium", "medium-replay", "medium-expert", "expert")
 D4RL_NAMES = [f"{e}-{d}-v2" for e in D4RL_ENVS for d in D4RL_DATASETS]
@@ -160,7 +508,8 @@ def download(url: str, path: str) -> None:
 
 
 def load_dataset(name: str, path: Optional[str], obs_dim: int, act_dim: int) -> dict:
-    """Read a D4RL-format HDF5 file; every check gives one clear SMACError."""
+    """Read a D4RL-format HDF5 file; every check gives one clear SMACError. Adds episode_return_w: the return of
+    each transition's episode, min-max normalized over the dataset's episodes (the score model's w)."""
     if path is None:
         path = cached_dataset_path(name)
         if not os.path.exists(path):
@@ -186,10 +535,22 @@ def load_dataset(name: str, path: Optional[str], obs_dim: int, act_dim: int) -> 
             raise SMACError(f"{path}: {key} contains NaN or inf values")
     data = {k: v.astype(np.float32) for k, v in data.items()}
     data["dones"] = data.pop("terminals")  # a timeout ends the episode but is not a terminal state: no bootstrap cut
+    data["episode_return_w"] = episode_returns(data)
     return data
 
 
-# ---------------------------------------------------------------- environment, evaluation, replay
+def episode_returns(data: dict) -> np.ndarray:
+    """Per transition, its episode's return, min-max normalized to [0, 1] over the dataset's episodes. An episode
+    ends at a terminal, a timeout, a jump between next_observations[t] and observations[t+1], or the file's end."""
+    ends = (data["dones"] > 0) | (data["timeouts"] > 0)
+    ends[:-1] |= np.any(data["next_observations"][:-1] != data["observations"][1:], axis=1)
+    ends[-1] = True
+    episode = np.concatenate([[0], np.cumsum(ends)[:-1]])
+    returns = np.bincount(episode, weights=data["rewards"])
+    low, high = returns.min(), returns.max()
+    return ((returns - low) / max(high - low, 1e-8))[episode].astype(np.float32)
+
+
 def make_env(name: str, obs_mean: np.ndarray, obs_std: np.ndarray) -> gym.Env:
     """The gymnasium env of a D4RL name, observing (obs - dataset mean) / dataset std."""
     env = gym.make(gym_id(name))
@@ -198,7 +559,7 @@ def make_env(name: str, obs_mean: np.ndarray, obs_std: np.ndarray) -> gym.Env:
 
 
 @torch.no_grad()
-def evaluate(actor: "Actor", env: gym.Env, episodes: int, eval_seed: int, device: torch.device) -> list:
+def evaluate(actor: Actor, env: gym.Env, episodes: int, eval_seed: int, device: torch.device) -> list:
     """Returns of deterministic episodes (action tanh(mean)), episode i reset with seed eval_seed + i."""
     returns = []
     for i in range(episodes):
@@ -213,10 +574,11 @@ def evaluate(actor: "Actor", env: gym.Env, episodes: int, eval_seed: int, device
 
 
 class ReplayBuffer:
-    """Transitions kept as device tensors, so a minibatch is one randint and six index_selects."""
+    """Transitions kept as device tensors, so a minibatch is one randint and a few index_selects."""
 
-    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device, extra: tuple = ()):
         shapes = {"observations": obs_dim, "actions": act_dim, "rewards": 1, "next_observations": obs_dim, "dones": 1}
+        shapes.update({k: 1 for k in extra})
         self.data = {k: torch.zeros(capacity, d, device=device) for k, d in shapes.items()}
         self.capacity, self.size, self.pos, self.device = capacity, 0, 0, device
 
@@ -232,180 +594,49 @@ class ReplayBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
 
-def dataset_buffer(data: dict, obs_mean, obs_std, action_clip: float, device: torch.device) -> ReplayBuffer:
-    """The dataset as a replay buffer: observations normalized, actions clipped just inside (-1, 1) for atanh."""
-    buffer = ReplayBuffer(len(data["rewards"]), len(obs_mean), data["actions"].shape[1], device)
+def dataset_buffer(data: dict, obs_mean, obs_std, device: torch.device) -> ReplayBuffer:
+    """The dataset as a replay buffer, observations normalized, with each transition's episode return w."""
+    buffer = ReplayBuffer(len(data["rewards"]), len(obs_mean), data["actions"].shape[1], device, extra=("w",))
     buffer.add(observations=(data["observations"] - obs_mean) / obs_std, rewards=data["rewards"],
-               actions=data["actions"].clip(-action_clip, action_clip), dones=data["dones"],
+               actions=data["actions"].clip(-1.0, 1.0), dones=data["dones"], w=data["episode_return_w"],
                next_observations=(data["next_observations"] - obs_mean) / obs_std)
     return buffer
 
 
-# ---------------------------------------------------------------- networks
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-
-
-def mlp(in_dim: int, out_dim: int, hidden: int) -> nn.Sequential:
-    layers = [nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_dim)]
-    return nn.Sequential(*layers)
-
-
-class Actor(nn.Module):
-    """Tanh-squashed Gaussian: u ~ N(mu(s), sigma(s)^2), a = tanh(u)."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
-        super().__init__()
-        self.net = mlp(obs_dim, 2 * act_dim, hidden)
-
-    def forward(self, obs: torch.Tensor):
-        mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
-
-    def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
-        mean, log_std = self(obs)
-        return torch.tanh(mean if deterministic else mean + log_std.exp() * torch.randn_like(mean))
-
-
-def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor):
-    """Reparameterized sample a = tanh(mean + std * eps) with its log-density log pi(a|s)."""
-    u = mean + log_std.exp() * torch.randn_like(mean)
-    return torch.tanh(u), tanh_gaussian_log_prob(mean, log_std, u)
-
-
-def tanh_gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    # log pi(a|s) = log N(u; mu, sigma^2) - sum_i log(1 - tanh(u_i)^2),  a = tanh(u)
-    # with log(1 - tanh(u)^2) = 2 * (log 2 - u - softplus(-2u)), which stays finite for large |u|
-    log_normal = -0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
-    log_jacobian = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
-    return (log_normal - log_jacobian).sum(-1)
-
-
-def tanh_gaussian_score(mean: torch.Tensor, log_std: torch.Tensor, u: torch.Tensor, space: str) -> torch.Tensor:
-    """grad of log pi(tanh(u)|s) w.r.t. u ("pretanh") or w.r.t. a = tanh(u) ("action"), in closed form."""
-    # d/du log pi(tanh u) = -(u - mu) / sigma^2 + 2 tanh(u)          (the second term is the log-Jacobian's)
-    score_u = -(u - mean) * torch.exp(-2.0 * log_std) + 2.0 * torch.tanh(u)
-    # d/da = (d/du) / (da/du),  da/du = 1 - a^2
-    return score_u if space == "pretanh" else score_u / (1.0 - torch.tanh(u) ** 2)
-
-
-class TwinCritic(nn.Module):
-    """Q_1 and Q_2 as two ordinary MLPs, evaluated together as one batched matmul per layer.
-    With density_scale c > 0 both also get a shared state-only head (m(s), log s(s)) and a term of a tanh-Gaussian's
-    log-density:  Q_i(s, a) = MLP_i(s, a) + c * log N_tanh(a; m(s), s(s)^2).  A ReLU MLP has a piecewise-constant
-    action gradient, so it fits the linear-in-u score -(u - mu)/sigma^2 poorly; this term can equal
-    alpha * log pi(a|s) exactly (m = mu, s = sigma, c = alpha) and leaves the MLP a flat action gradient to learn."""
-
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, density_scale: float = 0.0):
-        super().__init__()
-        self.obs_dim, self.density_scale = obs_dim, density_scale
-        self.qs = nn.ModuleList([mlp(obs_dim + act_dim, 1, hidden) for _ in range(2)])
-        self.density = mlp(obs_dim, 2 * act_dim, hidden) if density_scale > 0 else None
-
-    def _hidden(self, obs: torch.Tensor, actions: torch.Tensor):
-        """obs (B, o); actions (B, a) shared by both critics or (2, B, a), one set per critic."""
-        x = torch.cat([obs.expand(2, *obs.shape), actions.expand(2, *actions.shape[-2:])], dim=-1)
-        (w1, b1), (w2, b2), (w3, b3) = [
-            (torch.stack([q[i].weight for q in self.qs]), torch.stack([q[i].bias for q in self.qs]).unsqueeze(1))
-            for i in (0, 2, 4)
-        ]
-        h1 = F.relu(torch.baddbmm(b1, x, w1.transpose(1, 2)))
-        h2 = F.relu(torch.baddbmm(b2, h1, w2.transpose(1, 2)))
-        return h1, h2, (w1, w2, w3, b3)
-
-    def _density_term(self, obs: torch.Tensor, actions: torch.Tensor):
-        """c * log N_tanh(a; m(s), s(s)^2) and its gradient w.r.t. a; zeros without the head."""
-        if self.density is None:
-            return torch.zeros((), device=obs.device), torch.zeros((), device=obs.device)
-        m, log_s = self.density(obs).chunk(2, dim=-1)
-        u = torch.atanh(actions.clamp(-1.0 + 1e-6, 1.0 - 1e-6))  # float32 tanh can round to exactly +-1
-        log_s = log_s.clamp(LOG_STD_MIN, LOG_STD_MAX)
-        c = self.density_scale
-        return c * tanh_gaussian_log_prob(m, log_s, u), c * tanh_gaussian_score(m, log_s, u, "action")
-
-    def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q_i(s, a) for both critics, shape (2, B)."""
-        _, h2, (_, _, w3, b3) = self._hidden(obs, actions)
-        return torch.baddbmm(b3, h2, w3.transpose(1, 2)).squeeze(-1) + self._density_term(obs, actions)[0]
-
-    def value_and_action_grad(self, obs: torch.Tensor, actions: torch.Tensor):
-        """Q_i(s, a), shape (2, B), and grad_a Q_i(s, a), shape (2, B, a), as one differentiable expression.
-        For Q = w3 . relu(W2 relu(W1 [s, a] + b1) + b2) + b3 the action gradient is the backward pass written out,
-            grad_a Q = W1[:, a]^T (1[h1 > 0] * (W2^T (1[h2 > 0] * w3))),
-        so a loss on it trains the critic with one ordinary backward (relu'' = 0: the masks are constants);
-        cheaper than double backprop through autograd.grad(create_graph=True), and equal to it (a test checks)."""
-        h1, h2, (w1, w2, w3, b3) = self._hidden(obs, actions)
-        q = torch.baddbmm(b3, h2, w3.transpose(1, 2)).squeeze(-1)
-        grad_h2 = w3 * (h2 > 0)  # (2, B, hidden)
-        grad_h1 = torch.bmm(grad_h2, w2) * (h1 > 0)
-        density_value, density_grad = self._density_term(obs, actions)
-        return q + density_value, torch.bmm(grad_h1, w1[:, :, self.obs_dim:]) + density_grad
-
-
-# ---------------------------------------------------------------- the losses
-def soft_td_target(actor, target_critic, batch: dict, gamma: float, alpha) -> torch.Tensor:
-    # y = r + gamma * (1 - done) * (min_i Q'_i(s', a') - alpha * log pi(a'|s')),  a' ~ pi(.|s')
-    with torch.no_grad():
-        next_actions, next_log_pi = tanh_gaussian_sample(*actor(batch["next_observations"]))
-        next_v = target_critic(batch["next_observations"], next_actions).min(0).values - alpha * next_log_pi
-        return batch["rewards"].squeeze(-1) + gamma * (1.0 - batch["dones"].squeeze(-1)) * next_v
-
-
-def score_residual(critic: TwinCritic, obs, pre_tanh, mean, log_std, alpha: float, space: str):
-    """Q at a = tanh(u) and, per critic, the residual grad Q_i - alpha * grad log pi; shapes (2, B), (2, B, a).
-    Gradients are taken w.r.t. u ("pretanh") or w.r.t. a ("action")."""
-    actions = torch.tanh(pre_tanh)
-    q, grad_q = critic.value_and_action_grad(obs, actions)
-    if space == "pretanh":
-        grad_q = grad_q * (1.0 - actions**2)  # chain rule: dQ/du = dQ/da * (1 - tanh(u)^2)
-    # the policy score is a fixed target: no gradient reaches the actor through the regularizer
-    target = alpha * tanh_gaussian_score(mean.detach(), log_std.detach(), pre_tanh.detach(), space)
-    return q, grad_q - target, grad_q
-
-
-def sac_actor_loss(mean, log_std, obs, critic: TwinCritic, alpha) -> torch.Tensor:
-    # L_pi = E_s E_{a~pi} [alpha * log pi(a|s) - min_i Q_i(s, a)]   (online SAC's actor loss, no behaviour term)
-    actions, log_pi = tanh_gaussian_sample(mean, log_std)
-    return (alpha * log_pi - critic(obs, actions).min(0).values).mean()
-
-
-@torch.no_grad()
-def diagnostics(actor, critic, buffer: ReplayBuffer, alpha: float, space: str, batches: int = 20) -> dict:
-    """Did SMAC do its job? Averaged over `batches` fixed minibatches of dataset transitions:
-    score_residual_rel   ||grad Q_i - alpha grad log pi|| / ||grad Q_i|| at dataset actions (in the matching space);
-    sac_actor_grad_norm  norm of online SAC's actor-loss gradient at dataset states: the distance of the offline
-                         actor-critic from a stationary point of online SAC."""
-    rng_state = torch.random.get_rng_state()
-    torch.manual_seed(12345)  # the same minibatches every call, and training's random stream is left as it was
-    residuals, grad_norms = [], []
-    with torch.enable_grad():  # the actor-loss gradient needs autograd
-        for _ in range(batches):
-            batch = buffer.sample(256)
-            obs, pre_tanh = batch["observations"], torch.atanh(batch["actions"])
-            mean, log_std = actor(obs)
-            _, residual, grad_q = score_residual(critic, obs, pre_tanh, mean, log_std, alpha, space)
-            residuals.append((residual.norm() / grad_q.norm().clamp_min(1e-8)).item())
-            grads = torch.autograd.grad(sac_actor_loss(mean, log_std, obs, critic, alpha), list(actor.parameters()))
-            grad_norms.append(torch.sqrt(sum((g**2).sum() for g in grads)).item())
-    torch.random.set_rng_state(rng_state)
-    return {"score_residual_rel": float(np.mean(residuals)), "sac_actor_grad_norm": float(np.mean(grad_norms))}
-
-
-def check_finite(loss: torch.Tensor, what: str, update: int) -> None:
-    if not torch.isfinite(loss):
-        raise SMACError(f"{what} became {loss.item()} at update {update}; the last good checkpoint is kept")
-
-
-def make_optimizer(module: nn.Module, lr: float, kind: str) -> torch.optim.Optimizer:
+def make_optimizer(modules: list, lr: float, kind: str) -> torch.optim.Optimizer:
+    params = [p for m in modules for p in m.parameters()]
     if kind == "adam":
-        return torch.optim.Adam(module.parameters(), lr=lr)
-    # Muon orthogonalizes the update of each 2-D weight matrix; biases (1-D) go to AdamW. match_rms_adamw rescales
-    # Muon's step so that the same learning rate means the same step size as AdamW's.
-    matrices = [p for p in module.parameters() if p.ndim == 2]
-    others = [p for p in module.parameters() if p.ndim != 2]
-    return MultiOptimizer(
-        torch.optim.Muon(matrices, lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
-        torch.optim.AdamW(others, lr=lr, weight_decay=0.0),
-    )
+        return torch.optim.Adam(params, lr=lr)
+    matrices = [p for p in params if p.ndim == 2 and min(p.shape) > 1]  # hidden and input matrices; not 1-row heads
+    others = [p for p in params if not (p.ndim == 2 and min(p.shape) > 1)]
+    return MultiOptimizer(Muon(matrices, lr=lr), torch.optim.Adam(others, lr=lr))
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon: SGD with Nesterov momentum whose update of each weight matrix is orthogonalized by a Newton-Schulz
+    iteration, scaled to Adam's step size (0.2 sqrt(max(m, n)), as torch.optim.Muon's match_rms_adamw). Written out
+    because torch.optim.Muon iterates in bfloat16, which is ~200x slower than float32 on a CPU."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"])  # Nesterov
+                x = update / (update.norm() + 1e-7)
+                transposed = x.shape[0] > x.shape[1]
+                x = x.T if transposed else x
+                for _ in range(group["ns_steps"]):  # X <- a X + (b X X^T + c (X X^T)^2) X, coefficients of Muon
+                    gram = x @ x.T
+                    x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+                x = x.T if transposed else x
+                p.add_(x, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
 
 
 class MultiOptimizer:
@@ -423,10 +654,9 @@ class MultiOptimizer:
             opt.step()
 
 
-# ---------------------------------------------------------------- checkpoints
-CHECKPOINT_FORMAT = "smac-checkpoint-v1"
+CHECKPOINT_FORMAT = "smac-checkpoint-v2"
 CHECKPOINT_KEYS = ("actor", "critic", "target_critic", "alpha", "env", "obs_mean", "obs_std", "obs_dim", "act_dim",
-                   "hidden_dim", "args")
+                   "hidden_dim", "critic_activation", "probe_obs", "args")
 
 
 def save_checkpoint(path: str, **content) -> None:
@@ -454,11 +684,10 @@ def load_checkpoint(path: str, device: torch.device):
     missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
     if missing:
         raise SMACError(f"{path} is an incomplete SMAC checkpoint: it lacks {missing}")
-    obs_dim, act_dim, hidden = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]
-    density_scale = ckpt.get("critic_density_scale", 0.0)
+    obs_dim, act_dim, hidden, activation = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"], ckpt["critic_activation"]
     actor = Actor(obs_dim, act_dim, hidden).to(device)
-    critic = TwinCritic(obs_dim, act_dim, hidden, density_scale).to(device)
-    target_critic = TwinCritic(obs_dim, act_dim, hidden, density_scale).to(device)
+    critic = TwinCritic(obs_dim, act_dim, hidden, activation).to(device)
+    target_critic = TwinCritic(obs_dim, act_dim, hidden, activation).to(device)
     try:
         actor.load_state_dict(ckpt["actor"])
         critic.load_state_dict(ckpt["critic"])
@@ -489,111 +718,6 @@ def start_logging(args, run_name: str, run_dir: str) -> SummaryWriter:
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer
-
-
-# ---------------------------------------------------------------- the offline loop
-def train(args: Args) -> dict:
-    check_env_name(args.env)
-    if args.dataset_path:  # the checkpoint keeps it (for --offline-ratio), so it must not depend on the cwd
-        args = replace(args, dataset_path=os.path.abspath(args.dataset_path))
-    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.run_dir, run_name)
-    seed_everything(args.seed, args.torch_deterministic)
-    device = pick_device(args.cuda)
-
-    probe = gym.make(gym_id(args.env))
-    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
-    data = load_dataset(args.env, args.dataset_path, obs_dim, act_dim)
-    obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
-    buffer = dataset_buffer(data, obs_mean, obs_std, args.action_clip, device)
-    eval_env = make_env(args.env, obs_mean, obs_std)
-
-    actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
-    density_scale = args.alpha if args.critic_density else 0.0
-    critic = TwinCritic(obs_dim, act_dim, args.hidden_dim, density_scale).to(device)
-    target_critic = TwinCritic(obs_dim, act_dim, args.hidden_dim, density_scale).to(device)
-    target_critic.load_state_dict(critic.state_dict())
-    actor_opt = make_optimizer(actor, args.actor_lr, args.optimizer)
-    critic_opt = make_optimizer(critic, args.critic_lr, args.optimizer)
-    alpha, pre_tanh_max = args.alpha, math.atanh(args.action_clip)
-
-    os.makedirs(run_dir, exist_ok=True)
-    writer = start_logging(args, run_name, run_dir)
-    print(f"{run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, device {device}")
-    history, start_time, eval_seconds = [], time.time(), 0.0
-    for update in range(1, args.total_updates + 1):
-        batch = buffer.sample(args.batch_size)
-        obs, pre_tanh_data = batch["observations"], torch.atanh(batch["actions"])
-        mean, log_std = actor(obs)
-
-        # critic: soft TD loss  sum_i E_D (Q_i(s,a) - y)^2,
-        #         y = r + gamma (1 - d) (min_i Q'_i(s',a') - alpha log pi(a'|s')),  a' ~ pi(.|s')
-        y = soft_td_target(actor, target_critic, batch, args.gamma, alpha)
-        if args.score_coef > 0:
-            # + lambda * sum_i E || grad Q_i(s,a) - alpha grad log pi(a|s) ||^2  at dataset and/or policy actions
-            pre_tanh_pi = (mean + log_std.exp() * torch.randn_like(mean)).detach().clamp(-pre_tanh_max, pre_tanh_max)
-            pre_tanh = pre_tanh_data if args.score_actions == "dataset" else torch.cat([pre_tanh_data, pre_tanh_pi])
-            repeat = len(pre_tanh) // len(obs)
-            q, residual, _ = score_residual(critic, obs.repeat(repeat, 1), pre_tanh, mean.repeat(repeat, 1),
-                                            log_std.repeat(repeat, 1), alpha, args.score_space)
-            q_data = q[:, : len(obs)]
-            residual = residual[:, len(obs):] if args.score_actions == "policy" else residual
-            score_loss = residual.pow(2).sum(-1).mean(1).sum()
-        else:
-            q_data, score_loss = critic(obs, batch["actions"]), torch.zeros((), device=device)
-        td_loss = (q_data - y).pow(2).mean(1).sum()
-        critic_loss = td_loss + args.score_coef * score_loss
-        check_finite(critic_loss, "the critic loss", update)
-        critic_opt.zero_grad()
-        critic_loss.backward()
-        critic_opt.step()
-
-        # actor: L_pi = E_s E_{a~pi}[alpha log pi(a|s) - min_i Q_i(s,a)] - bc_coef * E_D log pi(a_data|s)
-        critic.requires_grad_(False)  # the actor loss needs dQ/da only, not the critic's weight gradients
-        sac_loss = sac_actor_loss(mean, log_std, obs, critic, alpha)
-        bc_loss = -tanh_gaussian_log_prob(mean, log_std, pre_tanh_data).mean()
-        actor_loss = sac_loss + args.bc_coef * bc_loss
-        critic.requires_grad_(True)
-        check_finite(actor_loss, "the actor loss", update)
-        actor_opt.zero_grad()
-        actor_loss.backward()
-        actor_opt.step()
-
-        with torch.no_grad():  # Q' <- tau Q + (1 - tau) Q'
-            for param, target_param in zip(critic.parameters(), target_critic.parameters()):
-                target_param.lerp_(param, args.tau)
-
-        if update % args.log_freq == 0:
-            sps = int(update / (time.time() - start_time - eval_seconds))  # updates per second, evaluation excluded
-            scalars = dict(td_loss=td_loss.item(), score_loss=score_loss.item(), q_values=q_data.mean().item(),
-                           actor_loss=sac_loss.item(), bc_loss=bc_loss.item(), alpha=alpha, SPS=sps)
-            for name, value in scalars.items():
-                writer.add_scalar(f"offline/{name}", value, update)
-            print(f"update={update} td={scalars['td_loss']:.3f} score={scalars['score_loss']:.3f} SPS={sps}")
-
-        if update == args.total_updates or (args.eval_freq > 0 and update % args.eval_freq == 0):
-            eval_start = time.time()
-            returns = evaluate(actor, eval_env, args.eval_episodes, args.eval_seed, device)
-            score = float(np.mean([normalized_score(args.env, r) for r in returns]))
-            diag = diagnostics(actor, critic, buffer, alpha, args.score_space)
-            history.append([update, score])
-            for name, value in [("normalized_score", score), *diag.items()]:
-                writer.add_scalar(f"eval/{name}", value, update)
-            print(f"eval update={update} normalized_score={score:.1f} return={np.mean(returns):.1f} "
-                  f"score_residual_rel={diag['score_residual_rel']:.3f} "
-                  f"sac_actor_grad_norm={diag['sac_actor_grad_norm']:.3f}")
-            save_checkpoint(os.path.join(run_dir, "smac.pt"), actor=cpu_state(actor), critic=cpu_state(critic),
-                            target_critic=cpu_state(target_critic), alpha=float(alpha), env=args.env,
-                            obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), obs_dim=obs_dim,
-                            act_dim=act_dim, hidden_dim=args.hidden_dim, critic_density_scale=density_scale,
-                            args=asdict(args), normalized_score=score,
-                            update=update, diagnostics=diag, eval_history=history)
-            eval_seconds += time.time() - eval_start
-    sps = int(args.total_updates / (time.time() - start_time - eval_seconds))
-    writer.close()
-    eval_env.close()
-    print(f"checkpoint: {os.path.join(run_dir, 'smac.pt')}")
-    return {"run_dir": run_dir, "normalized_score": score, "sps": sps, **diag}
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ class Args:
     offline_ratio: float = 0.0
     """fraction of each minibatch drawn from the checkpoint's offline dataset (0: online data only)"""
     eval_freq: int = 5000
-    """evaluate every this many online steps (step 0 is always evaluated)"""
+    """evaluate every this many online steps (also at step 0 and after 100, 500 and 1000 updates)"""
+    drop_window: Optional[int] = None
+    """drop = step-0 score - lowest evaluation within this many updates; default max(5000, 10% of the updates)"""
     eval_episodes: int = 10
     """number of deterministic evaluation episodes"""
     eval_seed: int = 0
@@ -97,10 +99,10 @@ def train(args: Args) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     writer = smac.start_logging(args, run_name, run_dir)
 
-    actor_opt = smac.make_optimizer(actor, args.policy_lr, args.optimizer)
-    critic_opt = smac.make_optimizer(critic, args.q_lr, args.optimizer)
+    actor_opt = smac.make_optimizer([actor], args.policy_lr, args.optimizer)
+    critic_opt = smac.make_optimizer([critic], args.q_lr, args.optimizer)
     buffer = smac.ReplayBuffer(min(args.buffer_size, args.total_timesteps), setup["obs_dim"], setup["act_dim"], device)
-    log = OnlineLog(run_dir, setup["env_name"], args.total_timesteps, writer)
+    log = OnlineLog(run_dir, setup["env_name"], args, setup, writer)
     log.evaluate(0, actor, setup["eval_env"], args, device)  # the offline policy's mean action opens the curve
 
     obs, _ = env.reset(seed=args.seed)
@@ -133,6 +135,7 @@ def train(args: Args) -> dict:
             critic_loss = (critic(batch["observations"], batch["actions"]) - y).pow(2).mean(1).sum()
             critic_opt.zero_grad()
             critic_loss.backward()
+            log.critic_step(critic)
             critic_opt.step()
 
             if step % args.policy_frequency == 0:
@@ -160,7 +163,7 @@ def train(args: Args) -> dict:
             sps = int(step / (time.time() - start_time))
             writer.add_scalar("charts/SPS", sps, step)
             print(f"step={step} SPS={sps}", flush=True)
-        if step % args.eval_freq == 0 or step == args.total_timesteps:
+        if log.due(step, args):
             log.evaluate(step, actor, setup["eval_env"], args, device)
     return finish(setup, args, log, run_dir, setup["ckpt"]["alpha"], writer)
 

@@ -1,6 +1,7 @@
 """Tests for SMAC. They make their own small data; run with `python -m pytest -q` (CPU, a few minutes)."""
 
 import functools
+import math
 import http.server
 import os
 import subprocess
@@ -11,10 +12,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import smac
 
 OBS_DIM, ACT_DIM = 11, 3  # Hopper-v4
+torch.set_num_threads(1)  # small networks: one thread is as fast, and immune to a busy machine's oversubscription
 pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date")  # v4 on purpose: the model of D4RL's v3 envs
 
 
@@ -41,128 +45,143 @@ def write_hdf5(path, n=400, obs_dim=OBS_DIM, act_dim=ACT_DIM, seed=0, drop=None,
 
 def small_args(tmp_path, dataset, **kw):
     base = dict(env="hopper-medium-v2", dataset_path=str(dataset), total_updates=30, batch_size=32, hidden_dim=32,
-                eval_freq=0, eval_episodes=1, log_freq=10, run_dir=str(tmp_path / "runs"), cuda=False)
+                eval_freq=0, eval_episodes=1, log_freq=10, run_dir=str(tmp_path / "runs"), cuda=False,
+                score_model_updates=20)
     return smac.Args(**{**base, **kw})
 
 
-class ExactCritic:
-    """Q(s, a) = alpha * log pi(a|s) + f(s): the critic that satisfies the score equation exactly."""
-
-    def __init__(self, actor, alpha):
-        self.actor, self.alpha = actor, alpha
-
-    def value_and_action_grad(self, obs, actions):
-        actions = actions.detach().requires_grad_(True)
-        mean, log_std = self.actor(obs)
-        q = self.alpha * smac.tanh_gaussian_log_prob(mean, log_std, torch.atanh(actions)) + obs.sin().sum(-1)
-        grad = torch.autograd.grad(q.sum(), actions)[0]
-        return q.expand(2, -1), grad.expand(2, -1, -1)
-
-
 # ---------------------------------------------------------------- the method
-@pytest.mark.parametrize("space", ["pretanh", "action"])
-def test_score_matches_finite_differences_of_log_density(space):
-    torch.manual_seed(0)
-    mean, log_std = torch.randn(5, ACT_DIM, dtype=torch.float64), 0.5 * torch.randn(5, ACT_DIM, dtype=torch.float64)
-    u = mean + log_std.exp() * torch.randn(5, ACT_DIM, dtype=torch.float64)
-    score = smac.tanh_gaussian_score(mean, log_std, u, space)
-    # independent computation: central differences of log pi, in u, or in a = tanh(u) (then u = atanh(a))
-    x = u if space == "pretanh" else torch.tanh(u)
-    to_u = (lambda v: v) if space == "pretanh" else torch.atanh
-    eps, fd = 1e-6, torch.zeros_like(u)
-    for j in range(ACT_DIM):
-        step = torch.zeros_like(x)
-        step[:, j] = eps
-        up = smac.tanh_gaussian_log_prob(mean, log_std, to_u(x + step))
-        down = smac.tanh_gaussian_log_prob(mean, log_std, to_u(x - step))
-        fd[:, j] = (up - down) / (2 * eps)
-    torch.testing.assert_close(score, fd, rtol=1e-5, atol=1e-5)
-
-
 def test_log_prob_matches_torch_distributions():
     torch.manual_seed(0)
     mean, log_std = torch.randn(8, ACT_DIM), 0.3 * torch.randn(8, ACT_DIM)
-    u = mean + log_std.exp() * torch.randn(8, ACT_DIM)
+    torch.manual_seed(1)
+    actions, log_pi = smac.tanh_gaussian_sample(mean, log_std)
     dist = torch.distributions.TransformedDistribution(
         torch.distributions.Normal(mean, log_std.exp()), [torch.distributions.TanhTransform()]
     )
-    expected = dist.log_prob(torch.tanh(u).clamp(-0.99999, 0.99999)).sum(-1)
-    torch.testing.assert_close(smac.tanh_gaussian_log_prob(mean, log_std, u), expected, rtol=1e-3, atol=1e-3)
+    expected = dist.log_prob(actions.clamp(-0.99999, 0.99999)).sum(-1)
+    torch.testing.assert_close(log_pi, expected, rtol=1e-3, atol=1e-3)
 
 
-def test_twin_critic_equals_two_separate_mlps_and_its_closed_form_gradient_equals_autograd():
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_twin_critic_equals_two_separate_mlps_and_action_grad_equals_finite_differences(activation):
     torch.manual_seed(0)
-    critic = smac.TwinCritic(OBS_DIM, ACT_DIM, 64)
-    obs, actions = torch.randn(40, OBS_DIM), torch.rand(40, ACT_DIM) * 2 - 1
+    critic = smac.TwinCritic(OBS_DIM, ACT_DIM, 64, activation).double()
+    obs, actions = torch.randn(40, OBS_DIM).double(), (torch.rand(40, ACT_DIM) * 2 - 1).double()
     separate = torch.stack([q(torch.cat([obs, actions], -1)).squeeze(-1) for q in critic.qs])
     torch.testing.assert_close(critic(obs, actions), separate)
-
-    per_critic = actions.expand(2, -1, -1).clone().requires_grad_(True)
-    autograd_grad = torch.autograd.grad(critic(obs, per_critic).sum(), per_critic)[0]
-    q, closed_form = critic.value_and_action_grad(obs, actions)
-    torch.testing.assert_close(q, separate)
-    torch.testing.assert_close(closed_form, autograd_grad)
-    # and its gradient w.r.t. the weights equals double backprop's
-    per_critic = actions.expand(2, -1, -1).clone().requires_grad_(True)
-    double = torch.autograd.grad(critic(obs, per_critic).sum(), per_critic, create_graph=True)[0]
-    params = list(critic.parameters())
-    g_double = torch.autograd.grad(double.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
-    g_closed = torch.autograd.grad(closed_form.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
-    for a, b in zip(g_double, g_closed):
-        torch.testing.assert_close(a, b)
+    grad = smac.critic_action_grad(critic, obs, actions)
+    assert grad.shape == (2, 40, ACT_DIM)
+    for j in range(ACT_DIM):
+        step = torch.zeros_like(actions)
+        step[:, j] = 1e-6
+        fd = (critic(obs, actions + step) - critic(obs, actions - step)) / 2e-6
+        torch.testing.assert_close(grad[..., j], fd, rtol=1e-4, atol=1e-6)
 
 
-def test_density_head_closed_form_gradient_equals_autograd_and_can_satisfy_the_score_equation_exactly():
-    torch.manual_seed(0)
-    critic = smac.TwinCritic(OBS_DIM, ACT_DIM, 32, density_scale=0.2)
-    obs, actions = torch.randn(40, OBS_DIM), torch.rand(40, ACT_DIM) * 1.8 - 0.9
-    per_critic = actions.expand(2, -1, -1).clone().requires_grad_(True)
-    q_autograd = critic(obs, per_critic)
-    double = torch.autograd.grad(q_autograd.sum(), per_critic, create_graph=True)[0]
-    q, closed_form = critic.value_and_action_grad(obs, actions)
-    torch.testing.assert_close(q, q_autograd)
-    torch.testing.assert_close(closed_form, double)
-    params = list(critic.parameters())
-    g_double = torch.autograd.grad(double.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
-    g_closed = torch.autograd.grad(closed_form.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
-    for a, b in zip(g_double, g_closed):
-        torch.testing.assert_close(a, b)
-    # head = the actor and flat MLPs: Q = alpha log pi + const, so the residual vanishes; a random head's does not
-    actor = smac.Actor(OBS_DIM, ACT_DIM, 32)
-    mean, log_std = actor(obs)
-    pre_tanh = torch.atanh(actions)
-    _, residual, _ = smac.score_residual(critic, obs, pre_tanh, mean, log_std, 0.2, "pretanh")
-    random_head = residual.pow(2).sum(-1).mean()
-    critic.density.load_state_dict(actor.net.state_dict())
+def train_score_model(obs, actions, w, updates=1500, seed=0):
+    torch.manual_seed(seed)
+    model = smac.ScoreModel(obs.shape[1], actions.shape[1], 64, steps=5)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(updates):
+        idx = torch.randint(0, len(obs), (256,))
+        loss = model.loss(obs[idx], actions[idx], w[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_score_model_at_k1_points_along_the_data_score_and_follows_the_return():
+    """Data with a known score: a ~ N(mu(s, w), sigma^2), mu = 0.4 s_0 + 0.5 (2w - 1), w in {0, 1}. Blurred by the
+    first noise step it is N(mu, sigma^2 + (1 - abar) / abar), whose score the model must give; it points along the
+    data's own score -(a - mu) / sigma^2 everywhere (same centre, a wider spread)."""
+    g = torch.Generator().manual_seed(0)
+    n, sigma = 20000, 0.15
+    obs = torch.randn(n, 2, generator=g)
+    w = torch.randint(0, 2, (n, 1), generator=g).float()
+    mu = 0.4 * obs[:, :1] + 0.5 * (2 * w - 1)
+    actions = (mu + sigma * torch.randn(n, 1, generator=g)).clamp(-1, 1)
+    model = train_score_model(obs, actions, w)
+    alpha_bar = model.alpha_bars[0]
+    q_obs = torch.randn(2000, 2, generator=g)
+    q_actions = torch.rand(2000, 1, generator=g) * 2 - 1
+    for w_value in (0.0, 1.0):
+        q_w = torch.full((2000, 1), w_value)
+        q_mu = 0.4 * q_obs[:, :1] + 0.5 * (2 * q_w - 1)
+        true = -(q_actions - q_mu) / (sigma**2 + (1 - alpha_bar) / alpha_bar)
+        with torch.no_grad():
+            est = model.score(q_obs, q_actions, q_w)
+        assert F.cosine_similarity(est.T, true.T).item() > 0.95  # same field, up to a scale
+        assert (est - true).abs().mean() < 0.3 * true.abs().mean()  # and the scale -eps / sqrt(1 - abar_1) is right
+        data_score = -(q_actions - q_mu) / sigma**2
+        far = (q_actions - q_mu).abs() > 0.1  # the sign right wherever the model can tell (not at the mode itself)
+        assert (est[far].sign() == data_score[far].sign()).float().mean() > 0.97
+    # the return matters: at w = 1 the score at a = 0 points up (toward +0.5), at w = 0 down
+    zero, s0 = torch.zeros(500, 1), torch.zeros(500, 2)
     with torch.no_grad():
-        for q_net in critic.qs:
-            q_net[4].weight.zero_()
-    _, residual, grad_q = smac.score_residual(critic, obs, pre_tanh, mean, log_std, 0.2, "pretanh")
-    assert residual.pow(2).sum(-1).mean() < 1e-8 * grad_q.pow(2).sum(-1).mean() < 1e-6 * random_head
+        assert model.score(s0, zero, torch.ones(500, 1)).mean() > 1.0 > -1.0 > model.score(s0, zero, zero).mean()
 
 
-@pytest.mark.parametrize("space", ["pretanh", "action"])
-def test_regularizer_vanishes_for_soft_optimal_critic_and_not_otherwise(space):
+class LogDensityCritic(nn.Module):
+    """Q_i(s, a) = c * log N(a; mu(s), sigma^2) + f(s): a critic whose action-gradient is c times a known score."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, obs, actions):
+        return self.c * (-0.5 * ((actions - obs[..., :ACT_DIM]) / 0.3) ** 2).sum(-1) + obs.sin().sum(-1)
+
+
+class GaussianScore:
+    def score(self, obs, actions, w):
+        return -(actions - obs[:, :ACT_DIM]) / 0.09
+
+
+def test_penalty_vanishes_when_grad_q_is_a_multiple_of_the_data_score_and_trains_only_critic_and_scale():
     torch.manual_seed(0)
-    actor = smac.Actor(OBS_DIM, ACT_DIM, 32)
-    obs, pre_tanh = torch.randn(64, OBS_DIM), torch.randn(64, ACT_DIM)
+    obs, actions, w = torch.randn(64, OBS_DIM), torch.rand(64, ACT_DIM) * 2 - 1, torch.ones(64, 1)
+    scale = smac.ScoreScale(OBS_DIM, 16, init=0.7)
+    residual, grad_q, _ = smac.score_matching_residual(LogDensityCritic(0.7), scale, GaussianScore(), obs, actions, w)
+    assert smac.score_matching_loss(residual) < 1e-8 * grad_q.pow(2).sum()
+    residual, _, _ = smac.score_matching_residual(LogDensityCritic(2.0), scale, GaussianScore(), obs, actions, w)
+    assert smac.score_matching_loss(residual) > 1.0
+    # the penalty's gradient reaches the critic and alpha_psi, never the score model (a fixed target) or the actor
+    actor, critic = smac.Actor(OBS_DIM, ACT_DIM, 32), smac.TwinCritic(OBS_DIM, ACT_DIM, 32, "silu")
+    score_model = smac.ScoreModel(OBS_DIM, ACT_DIM, 32)
     mean, log_std = actor(obs)
-    _, residual, grad_q = smac.score_residual(ExactCritic(actor, 0.2), obs, pre_tanh, mean, log_std, 0.2, space)
-    assert residual.pow(2).sum(-1).mean() < 1e-8 * grad_q.pow(2).sum(-1).mean()
-    other_critic = smac.TwinCritic(OBS_DIM, ACT_DIM, 32)
-    _, residual, _ = smac.score_residual(other_critic, obs, pre_tanh, mean, log_std, 0.2, space)
-    assert residual.pow(2).sum(-1).mean() > 1e-2
+    residual, _, _ = smac.score_matching_residual(critic, scale, score_model, obs, smac.penalty_actions(mean, log_std), w)
+    smac.score_matching_loss(residual).backward()
+    assert all(p.grad is None for p in [*actor.parameters(), *score_model.parameters()])
+    for module in (critic, scale):
+        assert sum(p.grad.abs().sum() for p in module.parameters() if p.grad is not None) > 0
 
 
-def test_regularizer_gradient_reaches_critic_not_actor():
+def test_penalty_actions_are_half_policy_samples_half_uniform():
     torch.manual_seed(0)
-    actor, critic = smac.Actor(OBS_DIM, ACT_DIM, 32), smac.TwinCritic(OBS_DIM, ACT_DIM, 32)
-    obs, pre_tanh = torch.randn(64, OBS_DIM), torch.randn(64, ACT_DIM)
-    mean, log_std = actor(obs)
-    _, residual, _ = smac.score_residual(critic, obs, pre_tanh, mean, log_std, 0.2, "pretanh")
-    residual.pow(2).sum().backward()
-    assert all(p.grad is None or not p.grad.any() for p in actor.parameters())
-    assert sum(p.grad.abs().sum() for p in critic.parameters() if p.grad is not None) > 0
+    mean, log_std = torch.full((20000, ACT_DIM), 0.3), torch.full((20000, ACT_DIM), -4.0)  # policy: a ~= tanh(0.3)
+    actions = smac.penalty_actions(mean, log_std)
+    near_policy = ((actions - math.tanh(0.3)).abs() < 0.1).all(-1).float().mean().item()
+    assert 0.49 < near_policy < 0.51 + 0.001  # half from the policy (+ the few uniform ones that land there)
+    assert actions.min() >= -1 and actions.max() <= 1 and (actions < 0).float().mean() > 0.2
+
+
+def test_episode_return_w_is_each_transitions_episode_return_normalized(tmp_path):
+    rewards = np.ones(400, np.float32)
+    rewards[100:200] = 3.0  # episodes: [0,50) terminal, [50,100) timeout, [100,150), [150,200), ... of 50 steps
+    data = smac.load_dataset("hopper-medium-v2", str(write_hdf5(tmp_path / "d.hdf5", rewards=rewards)), OBS_DIM,
+                             ACT_DIM)
+    w = data["episode_return_w"]
+    assert w[0] == w[49] == 0.0 and w[100] == w[199] == 1.0 and len(np.unique(w)) == 2
+
+
+def test_gaussian_kl():
+    p, q = torch.distributions.Normal(0.2, 0.5), torch.distributions.Normal(-0.1, 0.8)
+    expected = torch.distributions.kl_divergence(p, q) * ACT_DIM
+    full = lambda v: torch.full((1, ACT_DIM), float(v))  # noqa: E731
+    kl = smac.gaussian_kl(full(0.2), full(math.log(0.5)), full(-0.1), full(math.log(0.8)))
+    torch.testing.assert_close(kl, expected.reshape(1))
 
 
 # ---------------------------------------------------------------- D4RL data
@@ -250,15 +269,19 @@ def test_no_network_names_the_url_and_dataset_path(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- the offline loop, end to end
-@pytest.mark.parametrize("extra", [dict(), dict(score_coef=0.0), dict(optimizer="muon", score_actions="dataset"),
-                                   dict(critic_density=False)])
+@pytest.mark.parametrize("extra", [dict(), dict(score_coef=0.0), dict(optimizer="muon"),
+                                   dict(critic_activation="relu")])
 def test_short_offline_run_writes_a_weights_only_checkpoint(tmp_path, extra):
     result = smac.train(small_args(tmp_path, write_hdf5(tmp_path / "d.hdf5"), **extra))
     ckpt = torch.load(os.path.join(result["run_dir"], "smac.pt"), weights_only=True)
     assert ckpt["format"] == smac.CHECKPOINT_FORMAT and ckpt["env"] == "hopper-medium-v2"
     assert ckpt["update"] == 30 and ckpt["normalized_score"] == result["normalized_score"]
-    for key in ("score_residual_rel", "sac_actor_grad_norm"):
+    keys = ["sac_actor_grad_norm", "td_grad_norm"] + (["score_residual_rel", "alpha_psi_mean"] if "score_coef" not in extra
+                                                       else [])
+    for key in keys:
         assert np.isfinite(ckpt["diagnostics"][key]) and ckpt["diagnostics"][key] > 0
+    assert ckpt["probe_obs"].shape == (400, OBS_DIM) and ckpt["critic_activation"] == (extra.get("critic_activation")
+                                                                                       or "silu")
     assert ckpt["obs_mean"].shape == (OBS_DIM,) and ckpt["alpha"] == 0.2
     _, actor, _, _ = smac.load_checkpoint(os.path.join(result["run_dir"], "smac.pt"), torch.device("cpu"))
     torch.testing.assert_close(actor.state_dict()["net.0.weight"], ckpt["actor"]["net.0.weight"])
@@ -273,12 +296,12 @@ def test_non_finite_loss_stops_naming_the_update_and_keeps_last_good_checkpoint(
         return y * float("nan") if calls[0] > 20 else y
 
     monkeypatch.setattr(smac, "soft_td_target", poisoned)
-    args = small_args(tmp_path, write_hdf5(tmp_path / "d.hdf5"), eval_freq=10)
-    with pytest.raises(smac.SMACError, match="critic loss became nan at update 21"):
+    args = small_args(tmp_path, write_hdf5(tmp_path / "d.hdf5"), eval_freq=10)  # checked at log and eval steps
+    with pytest.raises(smac.SMACError, match="critic loss became nan by update 20"):
         smac.train(args)
     (run,) = os.listdir(tmp_path / "runs")
     ckpt = torch.load(tmp_path / "runs" / run / "smac.pt", weights_only=True)
-    assert ckpt["update"] == 20 and all(torch.isfinite(v).all() for v in ckpt["critic"].values())
+    assert ckpt["update"] == 10 and all(torch.isfinite(v).all() for v in ckpt["critic"].values())
 
 
 def test_command_line_error_is_one_line_without_traceback():
@@ -316,25 +339,49 @@ def test_finetuner_opens_with_the_offline_score_and_writes_metrics_and_final_che
     result = module.train(online_args(module, tmp_path, path, **extra))
     with open(os.path.join(result["run_dir"], "metrics.csv")) as f:
         rows = list(__import__("csv").DictReader(f))
-    assert [int(r["step"]) for r in rows] == [0, 150, 300]
+    assert [int(r["step"]) for r in rows] == [0, 150, 200, 300]  # 200: 100 updates after the hand-over
+    assert [int(r["updates"]) for r in rows] == [0, 50, 100, 200] and float(rows[0]["kl_to_offline"]) == 0.0
+    assert float(rows[-1]["kl_to_offline"]) > 0 and result["kl_100"] == pytest.approx(float(rows[2]["kl_to_offline"]),
+                                                                                     rel=1e-3)
+    assert np.isfinite(result["td_grad_ratio"]) and result["td_grad_ratio"] > 0
     # step 0 is evaluated before any update with smac.py's eval seeds: the same score as smac.py's final evaluation
     assert float(rows[0]["normalized_score"]) == pytest.approx(offline["normalized_score"], abs=1e-3)
     scores = [float(r["normalized_score"]) for r in rows]
-    assert result["drop"] == pytest.approx(max(0.0, scores[0] - min(scores[:1])), abs=1e-3)  # 10% of 300: step 0
+    assert result["drop"] == pytest.approx(max(0.0, scores[0] - min(scores)), abs=1e-3)  # the window: 5000 updates
     assert result["final_score"] == pytest.approx(scores[-1], abs=1e-3) and 0 < result["train_episodes"]
     ckpt, actor, _, _ = smac.load_checkpoint(os.path.join(result["run_dir"], "final.pt"), torch.device("cpu"))
     assert ckpt["env"] == "hopper-medium-v2" and ckpt["summary"]["regret"] == pytest.approx(result["regret"])
 
 
+def make_log(tmp_path, total_timesteps, learning_starts, **kw):
+    setup = dict(learning_starts=learning_starts, actor=smac.Actor(OBS_DIM, ACT_DIM, 8), probe_obs=torch.zeros(0, 1),
+                 ckpt={})
+    args = sac_finetune.Args(total_timesteps=total_timesteps, **kw)
+    return sac_finetune.OnlineLog(str(tmp_path), "hopper-medium-v2", args, setup, type("W", (), {"add_scalar": print})())
+
+
 def test_drop_and_regret_definitions(tmp_path):
-    log = sac_finetune.OnlineLog(str(tmp_path), "hopper-medium-v2", 1000, type("W", (), {"add_scalar": print})())
-    log.evals = [(0, 50.0), (50, 45.0), (100, 30.0), (150, 10.0), (1000, 60.0)]  # the 10.0 is after the first 10%
+    log = make_log(tmp_path, 1000, 0, drop_window=100)
+    log.evals = [(0, 50.0), (50, 45.0), (100, 30.0), (150, 10.0), (1000, 60.0)]  # the 10.0 is after 100 updates
     expert = 3234.3
     log.train_scores = [smac.normalized_score("hopper-medium-v2", r) for r in (expert, expert / 2)]
     summary = log.summary()
     assert summary["drop"] == pytest.approx(20.0) and summary["final_score"] == 60.0
     half = smac.normalized_score("hopper-medium-v2", expert / 2)
     assert summary["regret"] == pytest.approx((0.0 + (1 - half / 100)) / 2)
+
+
+def test_drop_counts_updates_from_the_hand_over_so_a_fall_after_learning_starts_is_seen(tmp_path):
+    """The held-out case: 10k online steps, updates from step 1000, 67.0 at the start and 2.3 after 1000 updates.
+    The old window (the first 10% of steps, here the 1000 steps before any update) reported drop 0."""
+    log = make_log(tmp_path, 10_000, 1000)
+    log.evals = [(0, 67.0), (1000, 67.0), (1100, 40.0), (2000, 2.3), (5000, 20.0), (10_000, 50.0)]
+    assert log.drop_window == 5000  # max(5000, 10% of 9000 updates)
+    assert log.summary()["drop"] == pytest.approx(64.7)
+    late = make_log(tmp_path, 10_000, 1000, drop_window=500)  # a narrower window: the fall at 1000 updates is out
+    late.evals = log.evals
+    assert late.summary()["drop"] == pytest.approx(27.0)
+    assert make_log(tmp_path, 200_000, 1000).drop_window == 19_900
 
 
 def test_from_scratch_runs_without_checkpoint(tmp_path):

@@ -30,8 +30,11 @@ import smac  # noqa: E402
 
 METHOD_FLAGS = {"smac": [], "baseline": ["--score-coef", "0"]}  # the baseline is the same code without SMAC
 FINETUNERS = {"sac": "sac_finetune.py", "td3": "td3_finetune.py"}
-SUMMARY_COLUMNS = ["dataset", "env", "method", "finetuner", "seed", "offline_score", "step0_score",
-                   "lowest_early_score", "drop", "regret", "final_score", "score_residual_rel", "sac_actor_grad_norm"]
+OFFLINE_DIAGNOSTICS = ["score_residual_rel", "score_cosine", "alpha_psi_mean", "sac_actor_grad_norm"]
+ONLINE_METRICS = ["step0_score", "lowest_early_score", "drop", "regret", "final_score", "td_grad_ratio", "kl_100",
+                  "kl_500", "kl_1000"]
+SUMMARY_COLUMNS = ["dataset", "env", "method", "finetuner", "seed", "offline_score", *ONLINE_METRICS,
+                   *OFFLINE_DIAGNOSTICS]
 
 
 @dataclass
@@ -53,7 +56,7 @@ class Args:
     offline_eval_freq: int = 5000
     """offline evaluation interval in updates"""
     online_eval_freq: int = 1000
-    """online evaluation interval in steps; the drop window (first 10%) needs several evaluations"""
+    """online evaluation interval in steps (the fine-tuners also evaluate 100, 500 and 1000 updates in)"""
     eval_episodes: int = 10
     """evaluation episodes per point"""
     smac_flags: str = ""
@@ -231,10 +234,8 @@ def collect(args: Args) -> List[dict]:
     for job, offline, online in finished_runs(args):
         for tuner, result in online.items():
             rows.append({**job["key"], "finetuner": tuner, "offline_score": offline["offline_score"],
-                         "score_residual_rel": offline["score_residual_rel"],
-                         "sac_actor_grad_norm": offline["sac_actor_grad_norm"],
-                         **{k: result[k] for k in ("step0_score", "lowest_early_score", "drop", "regret",
-                                                   "final_score")}})
+                         **{k: offline.get(k, float("nan")) for k in OFFLINE_DIAGNOSTICS},
+                         **{k: result.get(k, float("nan")) for k in ONLINE_METRICS}})
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, SUMMARY_COLUMNS)
         writer.writeheader()
@@ -247,7 +248,7 @@ def collect(args: Args) -> List[dict]:
 
 def write_table(rows: List[dict], path: str) -> None:
     """Mean and std over seeds per dataset x fine-tuner x method, as a Markdown table."""
-    metrics = ["offline_score", "step0_score", "lowest_early_score", "drop", "regret", "final_score"]
+    metrics = ["offline_score", "step0_score", "lowest_early_score", "drop", "regret", "final_score", "kl_1000"]
     lines = ["| dataset | fine-tuner | method | seeds | " + " | ".join(metrics) + " |",
              "|---|---|---|---|" + "---|" * len(metrics)]
     groups = sorted({(r["dataset"], r["finetuner"], r["method"]) for r in rows})
@@ -256,7 +257,7 @@ def write_table(rows: List[dict], path: str) -> None:
         cells = []
         for m in metrics:
             values = np.array([r[m] for r in group], dtype=float)
-            digits = 3 if m == "regret" else 1
+            digits = 3 if m in ("regret", "kl_1000") else 1
             cells.append(f"{values.mean():.{digits}f} ± {values.std():.{digits}f}")
         lines.append(f"| {dataset} | {tuner} | {method} | {len(group)} | " + " | ".join(cells) + " |")
     with open(path, "w") as f:

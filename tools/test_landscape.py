@@ -64,8 +64,8 @@ def altered(path, tmp_path, **changes):
 @pytest.mark.parametrize("change, message", [
     (lambda c: dict(env="walker2d-medium-v2"), "is for walker2d-medium-v2"),
     (lambda c: dict(hidden_dim=16, actor=smac.Actor(11, 3, 16).state_dict(),
-                    critic=smac.TwinCritic(11, 3, 16, c["critic_density_scale"]).state_dict(),
-                    target_critic=smac.TwinCritic(11, 3, 16, c["critic_density_scale"]).state_dict()),
+                    critic=smac.TwinCritic(11, 3, 16, c["critic_activation"]).state_dict(),
+                    target_critic=smac.TwinCritic(11, 3, 16, c["critic_activation"]).state_dict()),
      "different shapes"),
     (lambda c: dict(obs_mean=c["obs_mean"] + 1.0), "normalize observations differently"),
 ])
