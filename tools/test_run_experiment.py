@@ -17,7 +17,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date")
 def tiny_args(tmp_path, dataset, **kw):
     base = dict(name="tiny", tasks=[f"hopper-medium-v2:{dataset}"], seeds=[1, 2], offline_updates=40,
                 online_steps=300, offline_eval_freq=20, online_eval_freq=100, eval_episodes=1, workers=2,
-                smac_flags="--hidden-dim 32 --batch-size 32 --no-cuda",
+                smac_flags="--hidden-dim 32 --batch-size 32 --no-cuda --score-model-updates 20",
                 finetune_flags="--batch-size 32 --learning-starts 100 --no-cuda",
                 results_dir=str(tmp_path / "results"), run_root=str(tmp_path / "runs"))
     return run_experiment.Args(**{**base, **kw})
