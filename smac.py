@@ -1,18 +1,18 @@
 """SMAC, Score-Matched Actor-Critic (de Lara and Shkurti, arXiv 2602.17632): the offline phase, in one file.
 
-SAC's soft-optimal policy is pi*(a|s) = exp(Q*(s,a) / alpha) / Z(s), so
-    grad_a Q*(s,a) = alpha * grad_a log pi*(a|s).                                        (the score equation)
-SMAC asks the offline critic to respect it with the DATASET's score in place of pi*'s: a return-conditioned
-diffusion model estimates grad_a log pi^D(a|s, w), and the critic loss gets
-    kappa * E_{s~D, a~B(A)} || grad_a Q(s,a) - alpha_psi(s) * grad_a log pi^D(a|s, w) ||^2
-with alpha_psi(s) a learned state-dependent scale and B(A) half policy samples, half uniform actions. The actor keeps
-SAC's own loss. An online SAC or TD3 taking over then starts from a critic whose action-gradient already points where
-the data (and so the offline policy) is, instead of being pulled away from it.
+SAC's soft-optimal policy is pi*(a|s) = exp(Q*(s,a) / alpha) / Z(s), so grad_a Q*(s,a) = alpha * grad_a log pi*(a|s).
+SMAC asks the offline critic to respect this with the DATASET's score, estimated by a return-conditioned diffusion
+model, and a learned state-dependent scale alpha_psi(s); the actor keeps SAC's own loss:
+    L_Q = L_TD + kappa * sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) * grad_a log pi^D(a|s,w) ||^2
+with B(A) half policy samples, half uniform actions. Online SAC or TD3 then starts from a critic whose action-gradient
+already points where the data is.
 
-Run:  python smac.py --env hopper-medium-replay-v2 [--dataset-path file.hdf5]
-Then: python sac_finetune.py --checkpoint runs/<run_name>/smac.pt   (or td3_finetune.py)
+    python smac.py --env hopper-medium-replay-v2 [--dataset-path file.hdf5]
+    python sac_finetune.py --checkpoint runs/<run_name>/smac.pt      (or td3_finetune.py)
 """
 
+import copy
+import csv
 import math
 import os
 import random
@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 import warnings
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, Optional
+from typing import Optional
 
 import gymnasium as gym
 import h5py
@@ -56,56 +56,47 @@ class Args:
     exp_name: str = "smac"
     """the name of this experiment (first part of the run name)"""
     run_dir: str = "runs"
-    """folder in which runs/{run_name}/ (TensorBoard logs and smac.pt) is written"""
+    """folder in which runs/{run_name}/ (TensorBoard logs, metrics.csv, smac.pt) is written"""
     total_updates: int = 1_000_000
     """number of offline actor-critic updates"""
     batch_size: int = 256
     """minibatch size of transitions"""
     hidden_dim: int = 256
-    """width of the hidden layers of every network"""
+    """width of the hidden layers of the actor and the critics"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
     """target critic smoothing coefficient"""
-    actor_lr: float = 3e-4
+    policy_lr: float = 3e-4
     """learning rate of the actor"""
-    critic_lr: float = 3e-4
+    q_lr: float = 3e-4
     """learning rate of the critics (and of alpha_psi)"""
-    optimizer: Literal["adam", "muon"] = "adam"
-    """adam, or muon: Muon (float32 Newton-Schulz) on hidden weight matrices and Adam on the rest"""
     alpha: float = 0.2
     """entropy temperature of the soft TD target and the SAC actor loss (fixed offline)"""
-    critic_activation: Literal["relu", "silu"] = "silu"
-    """activation of the critics: a ReLU critic's action-gradient is piecewise constant, a SiLU one's is smooth"""
+    eval_freq: int = 10_000
+    """evaluate (and save the checkpoint) every this many updates; 0 evaluates only at the end"""
+    eval_episodes: int = 10
+    """number of deterministic evaluation episodes (episode i reset with seed i, as in the fine-tuners)"""
     # ---- SMAC arguments
     score_coef: float = 10.0
     """kappa, weight of the score-matching penalty (0: the same offline SAC without SMAC, the baseline)"""
     score_model_updates: int = 100_000
     """updates of the diffusion model of the dataset's actions, trained before the actor-critic"""
     diffusion_steps: int = 10
-    """K, noise steps of the diffusion model (IDQL's variance-preserving schedule; more steps: a sharper k=1 score)"""
+    """K, noise steps of the diffusion model (more steps: a sharper score at k = 1)"""
     score_scale_floor: float = 0.2
-    """alpha_psi(s) >= this floor (here alpha: the critic's action-gradient is at least alpha times the data's score)"""
+    """alpha_psi(s) >= this floor (left free, alpha_psi shrinks to 0 and the critic goes flat in the action)"""
     return_quantile: float = 0.9
-    """the score is queried at w = this quantile of the dataset's episode returns (w is normalized to [0, 1])"""
-    eval_freq: int = 10_000
-    """evaluate (and save the checkpoint) every this many updates; 0 evaluates only at the end"""
-    eval_episodes: int = 10
-    """number of deterministic evaluation episodes"""
-    eval_seed: int = 0
-    """evaluation episode i is reset with seed eval_seed + i (same seeds in the fine-tuners)"""
-    log_freq: int = 1000
-    """write training losses to TensorBoard every this many updates"""
+    """the score is queried at w = this quantile of the dataset's normalized episode returns"""
 
 
 # ---------------------------------------------------------------- networks
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
 
-def mlp(in_dim: int, out_dim: int, hidden: int, activation: str = "relu") -> nn.Sequential:
-    act = ACTIVATIONS[activation]
-    return nn.Sequential(nn.Linear(in_dim, hidden), act(), nn.Linear(hidden, hidden), act(), nn.Linear(hidden, out_dim))
+def mlp(in_dim: int, out_dim: int, hidden: int, activation=nn.ReLU) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), activation(), nn.Linear(hidden, hidden), activation(),
+                         nn.Linear(hidden, out_dim))
 
 
 class Actor(nn.Module):
@@ -134,35 +125,61 @@ def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor):
 
 
 class TwinCritic(nn.Module):
-    """Q_1 and Q_2 as two ordinary MLPs on [s, a], evaluated together as one batched matmul per layer."""
+    """Q_1 and Q_2, two SiLU MLPs on [s, a] run as one batched matmul per layer. SiLU, not ReLU: a ReLU critic's
+    action-gradient is piecewise constant and cannot follow a smooth score field."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, activation: str = "relu"):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
         super().__init__()
-        self.activation = activation
-        self.qs = nn.ModuleList([mlp(obs_dim + act_dim, 1, hidden, activation) for _ in range(2)])
+        self.qs = nn.ModuleList([mlp(obs_dim + act_dim, 1, hidden, nn.SiLU) for _ in range(2)])
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q_i(s, a), shape (2, B); actions (B, a) shared by both critics or (2, B, a), one set per critic."""
         x = torch.cat([obs.expand(2, *obs.shape), actions.expand(2, *actions.shape[-2:])], dim=-1)
-        act = F.relu if self.activation == "relu" else F.silu
         for i in (0, 2, 4):
             weight = torch.stack([q[i].weight for q in self.qs]).transpose(1, 2)
             x = torch.baddbmm(torch.stack([q[i].bias for q in self.qs]).unsqueeze(1), x, weight)
-            x = act(x) if i < 4 else x
+            x = F.silu(x) if i < 4 else x
         return x.squeeze(-1)
 
 
-class ScoreModel(nn.Module):
-    """The behaviour score model: a conditional diffusion model eps_omega(s, a_k, w, k) of the dataset's actions, in
-    IDQL's style (a residual MLP with LayerNorm), conditioned on a trajectory-level return w as in Reinforcement via
-    Supervision. Noising: a_k = sqrt(abar_k) a + sqrt(1 - abar_k) eps, k = 1..K."""
+# ---------------------------------------------------------------- SMAC: the score-matching penalty
+def critic_action_grad(critic: TwinCritic, obs, actions) -> torch.Tensor:
+    """grad_a Q_i(s, a) for both critics, shape (2, B, a); differentiable w.r.t. the critic (double backprop)."""
+    actions = actions.detach().expand(2, *actions.shape).clone().requires_grad_(True)
+    return torch.autograd.grad(critic(obs, actions).sum(), actions, create_graph=True)[0]
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, steps: int = 5, blocks: int = 2):
-        super().__init__()
-        self.steps = steps
-        # IDQL's variance-preserving betas: 1 - exp(-b_min / K - (b_max - b_min) (2k - 1) / (2 K^2)), b = 0.1 .. 10
-        k = torch.arange(1, steps + 1, dtype=torch.float32)
+
+def penalty_actions(mean, log_std) -> torch.Tensor:
+    # B(A): each state gets a policy sample a ~ pi(.|s) or a uniform action a ~ U[-1, 1]^d, with probability 1/2
+    policy_actions = tanh_gaussian_sample(mean, log_std)[0].detach()
+    uniform_actions = torch.rand_like(policy_actions) * 2.0 - 1.0
+    from_policy = torch.rand(len(mean), 1, device=mean.device) < 0.5
+    return torch.where(from_policy, policy_actions, uniform_actions)
+
+
+def score_matching_residual(critic, score_scale, score_model, obs, actions, w):
+    """residual_i = grad_a Q_i(s, a) - alpha_psi(s) * grad_a log pi^D(a|s, w), shape (2, B, a), and its two parts."""
+    with torch.no_grad():
+        data_score = score_model.score(obs, actions, w)  # a fixed target: the score model is trained beforehand
+    grad_q = critic_action_grad(critic, obs, actions)
+    return grad_q - score_scale(obs) * data_score, grad_q, data_score
+
+
+def score_matching_loss(residual: torch.Tensor) -> torch.Tensor:
+    # L_SM = sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) grad_a log pi^D(a|s, w) ||^2
+    return residual.pow(2).sum(-1).mean(1).sum()
+
+
+class ScoreModel(nn.Module):
+    """eps_omega(s, a_k, w, k), a diffusion model of the dataset's actions in IDQL's style (a LayerNorm residual MLP),
+    conditioned on a trajectory-level return w (Reinforcement via Supervision). After k of K noise steps an action a
+    is a_k = sqrt(abar_k) a + sqrt(1 - abar_k) n, n ~ N(0, I)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 128, steps: int = 10, blocks: int = 2):
+        super().__init__()  # IDQL: 256 wide, 3 blocks; smaller to fit a CPU
+        k = torch.arange(1, steps + 1, dtype=torch.float32)  # IDQL's variance-preserving schedule, b = 0.1 .. 10:
         betas = 1.0 - torch.exp(-0.1 / steps - 0.5 * (10.0 - 0.1) * (2 * k - 1) / steps**2)
+        self.steps = steps
         self.register_buffer("alpha_bars", torch.cumprod(1.0 - betas, 0))
         self.inp = nn.Linear(act_dim + obs_dim + 1 + 16, hidden)
         self.blocks = nn.ModuleList(
@@ -171,9 +188,8 @@ class ScoreModel(nn.Module):
         self.out = nn.Linear(hidden, act_dim)
 
     def forward(self, obs, noisy_actions, w, k):
-        """eps_omega(s, a_k, w, k); w (B, 1) in [0, 1], k (B,) integer noise steps in 1..K."""
         freqs = torch.exp(torch.linspace(0.0, math.log(100.0), 8, device=obs.device))
-        angle = k[:, None].float() * freqs  # a sinusoidal embedding of the noise step
+        angle = k[:, None].float() * freqs  # a sinusoidal embedding of the noise step k
         x = self.inp(torch.cat([noisy_actions, obs, w, angle.sin(), angle.cos()], -1))
         for block in self.blocks:
             x = x + block(x)
@@ -187,18 +203,15 @@ class ScoreModel(nn.Module):
         return (self(obs, alpha_bar.sqrt() * actions + (1 - alpha_bar).sqrt() * eps, w, k) - eps).pow(2).mean()
 
     def score(self, obs, actions, w):
-        # grad_a log p~(a|s, w), p~ = the data's actions blurred by the first noise step: a_1 = sqrt(abar_1) (a + n),
-        # n ~ N(0, (1 - abar_1) / abar_1), so grad_a log p~(a) = -sqrt(abar_1) eps_omega(s, sqrt(abar_1) a, w, 1) /
-        # sqrt(1 - abar_1). Querying at sqrt(abar_1) a rather than at a keeps the field centred on the data's actions
-        # (eps_omega at a itself points to sqrt(abar_1) times them, shrunk toward 0); smooth enough for a critic.
-        k = torch.ones(len(obs), dtype=torch.long, device=obs.device)
-        alpha_bar = self.alpha_bars[0]
+        # grad_a log p~(a|s,w) = -sqrt(abar_1) eps_omega(s, sqrt(abar_1) a, w, 1) / sqrt(1 - abar_1), p~ = the data's
+        # actions blurred by std sqrt((1 - abar_1) / abar_1). Queried at sqrt(abar_1) a, not at a, so the field is
+        # centred on the data's actions (at a it points to sqrt(abar_1) times them).
+        alpha_bar, k = self.alpha_bars[0], torch.ones(len(obs), dtype=torch.long, device=obs.device)
         return -alpha_bar.sqrt() * self(obs, alpha_bar.sqrt() * actions, w, k) / (1.0 - alpha_bar).sqrt()
 
 
 class ScoreScale(nn.Module):
-    """alpha_psi(s) = floor + softplus(g_psi(s)), the learned state-dependent proportion between grad_a Q and the
-    dataset's score. Left free (floor 0), the penalty is also minimized by alpha_psi -> 0 and a critic flat in a."""
+    """alpha_psi(s) = floor + softplus(g_psi(s)), the learned proportion between grad_a Q and the dataset's score."""
 
     def __init__(self, obs_dim: int, hidden: int = 256, floor: float = 0.0, init: float = 1.0):
         super().__init__()
@@ -210,7 +223,7 @@ class ScoreScale(nn.Module):
         return self.floor + F.softplus(self.net(obs))  # (B, 1)
 
 
-# ---------------------------------------------------------------- the losses (the offline trainer's and the fine-tuners')
+# ---------------------------------------------------------------- SAC's losses (offline, and online in the fine-tuners)
 def soft_td_target(actor, target_critic, batch: dict, gamma: float, alpha) -> torch.Tensor:
     # y = r + gamma * (1 - done) * (min_i Q'_i(s', a') - alpha * log pi(a'|s')),  a' ~ pi(.|s')
     with torch.no_grad():
@@ -224,168 +237,99 @@ def td_loss(critic, batch: dict, y: torch.Tensor) -> torch.Tensor:
     return (critic(batch["observations"], batch["actions"]) - y).pow(2).mean(1).sum()
 
 
-def critic_action_grad(critic: TwinCritic, obs, actions, create_graph: bool = True) -> torch.Tensor:
-    """grad_a Q_i(s, a) for both critics, shape (2, B, a); differentiable w.r.t. the critic (double backprop)."""
-    actions = actions.detach().expand(2, *actions.shape).clone().requires_grad_(True)
-    q = critic(obs, actions)
-    return torch.autograd.grad(q.sum(), actions, create_graph=create_graph)[0]
-
-
-def penalty_actions(mean, log_std) -> torch.Tensor:
-    # B(A): each state gets a policy sample a ~ pi(.|s) or a uniform action a ~ U[-1, 1]^d, with probability 1/2
-    policy_actions = tanh_gaussian_sample(mean, log_std)[0].detach()
-    uniform_actions = torch.rand_like(policy_actions) * 2.0 - 1.0
-    from_policy = torch.rand(len(mean), 1, device=mean.device) < 0.5
-    return torch.where(from_policy, policy_actions, uniform_actions)
-
-
-def score_matching_residual(critic, score_scale, score_model, obs, actions, w):
-    """residual_i = grad_a Q_i(s, a) - alpha_psi(s) * grad_a log pi^D(a|s, w), shape (2, B, a), and its parts."""
-    with torch.no_grad():
-        data_score = score_model.score(obs, actions, w)  # a fixed target: the score model is trained beforehand
-    grad_q = critic_action_grad(critic, obs, actions)
-    return grad_q - score_scale(obs) * data_score, grad_q, data_score
-
-
-def score_matching_loss(residual: torch.Tensor) -> torch.Tensor:
-    # L_SM = sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) grad_a log pi^D(a|s, w) ||^2
-    return residual.pow(2).sum(-1).mean(1).sum()
-
-
 def sac_actor_loss(mean, log_std, obs, critic: TwinCritic, alpha) -> torch.Tensor:
-    # L_pi = E_s E_{a~pi} [alpha * log pi(a|s) - min_i Q_i(s, a)]   (SAC's actor loss, offline and online alike)
+    # L_pi = E_s E_{a~pi} [alpha * log pi(a|s) - min_i Q_i(s, a)]; the critic's weights get no gradient from it
     actions, log_pi = tanh_gaussian_sample(mean, log_std)
-    return (alpha * log_pi - critic(obs, actions).min(0).values).mean()
+    critic.requires_grad_(False)
+    q = critic(obs, actions).min(0).values
+    critic.requires_grad_(True)
+    return (alpha * log_pi - q).mean()
+
+
+def soft_update(net: nn.Module, target: nn.Module, tau: float) -> None:
+    with torch.no_grad():  # theta' <- tau theta + (1 - tau) theta'
+        for param, target_param in zip(net.parameters(), target.parameters()):
+            target_param.lerp_(param, tau)
 
 
 # ---------------------------------------------------------------- the offline loop
 def train(args: Args) -> dict:
     check_args(args)
-    if args.dataset_path:  # the checkpoint keeps it, so it must not depend on the cwd
-        args = replace(args, dataset_path=os.path.abspath(args.dataset_path))
     run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.run_dir, run_name)
     seed_everything(args.seed, args.torch_deterministic)
-    device = pick_device(args.cuda)
-
-    probe = gym.make(gym_id(args.env))
-    obs_dim, act_dim = probe.observation_space.shape[0], probe.action_space.shape[0]
-    data = load_dataset(args.env, args.dataset_path, obs_dim, act_dim)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    data = load_dataset(args.env, args.dataset_path)
+    obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
     buffer = dataset_buffer(data, obs_mean, obs_std, device)
-    w_query = float(np.quantile(data["episode_return_w"], args.return_quantile))
-    eval_env = make_env(args.env, obs_mean, obs_std)
+    w_query = float(np.quantile(data["episode_return_w"], args.return_quantile))  # w at which the score is asked
 
     actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
-    critic = TwinCritic(obs_dim, act_dim, args.hidden_dim, args.critic_activation).to(device)
-    target_critic = TwinCritic(obs_dim, act_dim, args.hidden_dim, args.critic_activation).to(device)
-    target_critic.load_state_dict(critic.state_dict())
-    score_model = ScoreModel(obs_dim, act_dim, 128, args.diffusion_steps).to(device)  # IDQL: 256 wide; 128 on a CPU
+    critic = TwinCritic(obs_dim, act_dim, args.hidden_dim).to(device)
+    target_critic = copy.deepcopy(critic)
+    score_model = ScoreModel(obs_dim, act_dim, steps=args.diffusion_steps).to(device)
     score_scale = ScoreScale(obs_dim, args.hidden_dim, args.score_scale_floor).to(device)
-    actor_opt = make_optimizer([actor], args.actor_lr, args.optimizer)
-    critic_opt = make_optimizer([critic, score_scale], args.critic_lr, args.optimizer)
+    actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
+    critic_opt = torch.optim.Adam([*critic.parameters(), *score_scale.parameters()], lr=args.q_lr)
     score_model_opt = torch.optim.Adam(score_model.parameters(), lr=3e-4)
-    alpha = args.alpha
-
-    os.makedirs(run_dir, exist_ok=True)
-    writer = start_logging(args, run_name, run_dir)
-    print(f"{run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, device {device}, w_query {w_query:.3f}")
+    log = OfflineLog(args, run_name, run_dir, obs_mean, obs_std, buffer)
+    print(f"{run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, {device}, w_query {w_query:.3f}")
 
     # phase 1: the diffusion model of the dataset's actions, pi^D(a|s, w)
-    start_time = time.time()
     for update in range(1, (args.score_model_updates if args.score_coef > 0 else 0) + 1):
         batch = buffer.sample(args.batch_size)
         diffusion_loss = score_model.loss(batch["observations"], batch["actions"], batch["w"])
         score_model_opt.zero_grad()
         diffusion_loss.backward()
         score_model_opt.step()
-        if update % args.log_freq == 0:
-            writer.add_scalar("score_model/diffusion_loss", diffusion_loss.item(), update)
-            print(f"score model update={update} diffusion_loss={diffusion_loss.item():.4f} "
-                  f"SPS={int(update / (time.time() - start_time))}", flush=True)
+        log.losses("score_model", update, diffusion_loss=diffusion_loss)
     score_model.requires_grad_(False)
 
     # phase 2: the actor-critic
-    history, start_time, eval_seconds = [], time.time(), 0.0
+    log.start_time = time.time()
     for update in range(1, args.total_updates + 1):
         batch = buffer.sample(args.batch_size)
         obs = batch["observations"]
         mean, log_std = actor(obs)
 
-        # critic: L_Q = L_TD + kappa * L_SM  (SMAC)
-        y = soft_td_target(actor, target_critic, batch, args.gamma, alpha)
+        # critic: L_Q = L_TD + kappa * L_SM
+        y = soft_td_target(actor, target_critic, batch, args.gamma, args.alpha)
         critic_td_loss = td_loss(critic, batch, y)
-        if args.score_coef > 0:
-            actions = penalty_actions(mean, log_std)
+        sm_loss = torch.zeros((), device=device)
+        if args.score_coef > 0:  # SMAC
             w = torch.full((len(obs), 1), w_query, device=device)
-            residual, grad_q, data_score = score_matching_residual(critic, score_scale, score_model, obs, actions, w)
+            residual, _, _ = score_matching_residual(critic, score_scale, score_model, obs,
+                                                     penalty_actions(mean, log_std), w)
             sm_loss = score_matching_loss(residual)
-        else:
-            sm_loss = torch.zeros((), device=device)
         critic_loss = critic_td_loss + args.score_coef * sm_loss
         critic_opt.zero_grad()
         critic_loss.backward()
         critic_opt.step()
 
-        # actor: L_pi = E_s E_{a~pi}[alpha log pi(a|s) - min_i Q_i(s,a)], SAC's loss unchanged
-        critic.requires_grad_(False)  # the actor loss needs dQ/da only, not the critic's weight gradients
-        actor_loss = sac_actor_loss(mean, log_std, obs, critic, alpha)
-        critic.requires_grad_(True)
+        # actor: SAC's loss, unchanged
+        actor_loss = sac_actor_loss(mean, log_std, obs, critic, args.alpha)
         actor_opt.zero_grad()
         actor_loss.backward()
         actor_opt.step()
+        soft_update(critic, target_critic, args.tau)
 
-        with torch.no_grad():  # Q' <- tau Q + (1 - tau) Q'
-            for param, target_param in zip(critic.parameters(), target_critic.parameters()):
-                target_param.lerp_(param, args.tau)
-
-        last = update == args.total_updates or (args.eval_freq > 0 and update % args.eval_freq == 0)
-        if update % args.log_freq == 0 or last:  # checked here only: a check per update syncs a GPU every step
-            check_finite({"the critic loss": critic_loss, "the actor loss": actor_loss}, update)
-        if update % args.log_freq == 0:
-            sps = int(update / (time.time() - start_time - eval_seconds))  # updates per second, evaluation excluded
-            scalars = dict(td_loss=critic_td_loss.item(), score_loss=sm_loss.item(), actor_loss=actor_loss.item(),
-                           q_values=y.mean().item(), SPS=sps)
-            if args.score_coef > 0:
-                scalars["alpha_psi_mean"] = score_scale(obs).mean().item()
-            for name, value in scalars.items():
-                writer.add_scalar(f"offline/{name}", value, update)
-            print(" ".join([f"update={update}"] + [f"{k}={v:.4g}" for k, v in scalars.items()]), flush=True)
-
-        if last:
-            eval_start = time.time()
-            returns = evaluate(actor, eval_env, args.eval_episodes, args.eval_seed, device)
-            score = float(np.mean([normalized_score(args.env, r) for r in returns]))
-            diag = diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, alpha, args, w_query)
-            history.append([update, score])
-            for name, value in [("normalized_score", score), *diag.items()]:
-                writer.add_scalar(f"eval/{name}", value, update)
-            print(f"eval update={update} normalized_score={score:.1f} return={np.mean(returns):.1f} "
-                  + " ".join(f"{k}={v:.3f}" for k, v in diag.items()), flush=True)
-            save_checkpoint(os.path.join(run_dir, "smac.pt"), actor=cpu_state(actor), critic=cpu_state(critic),
-                            target_critic=cpu_state(target_critic), alpha=float(alpha), env=args.env,
-                            obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), obs_dim=obs_dim,
-                            act_dim=act_dim, hidden_dim=args.hidden_dim, critic_activation=args.critic_activation,
-                            probe_obs=probe_states(buffer).cpu(), args=asdict(args), normalized_score=score,
-                            update=update, diagnostics=diag, eval_history=history)
-            eval_seconds += time.time() - eval_start
-    sps = int(args.total_updates / (time.time() - start_time - eval_seconds))
-    writer.close()
-    eval_env.close()
-    print(f"checkpoint: {os.path.join(run_dir, 'smac.pt')}")
-    return {"run_dir": run_dir, "normalized_score": score, "sps": sps, **diag}
+        log.losses("offline", update, td_loss=critic_td_loss, score_loss=sm_loss, actor_loss=actor_loss, q_values=y)
+        if update == args.total_updates or (args.eval_freq > 0 and update % args.eval_freq == 0):
+            diag = diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, args, w_query)
+            log.evaluate(update, actor, critic, target_critic, diag)
+    return log.finish()
 
 
 @torch.no_grad()
-def diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, alpha, args, w_query,
-                batches: int = 10) -> dict:
+def diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, args, w_query, batches=10) -> dict:
     """Where the offline actor-critic stands, averaged over fixed minibatches of dataset states:
     score_residual_rel   ||grad_a Q_i - alpha_psi grad_a log pi^D|| / ||grad_a Q_i|| at B(A) actions
     score_cosine         cos(grad_a Q_i, grad_a log pi^D) at B(A) actions; alpha_psi_mean its scale
     sac_actor_grad_norm  norm of SAC's actor-loss gradient: the distance from a stationary point of online SAC
     td_grad_norm         norm of the TD loss's critic gradient; the fine-tuners compare theirs with it."""
     rng_state = torch.random.get_rng_state()
-    torch.manual_seed(12345)  # the same minibatches every call, and training's random stream is left as it was
+    torch.manual_seed(12345)  # the same minibatches every call; training's random stream is restored below
     out = {k: [] for k in ("score_residual_rel", "score_cosine", "alpha_psi_mean", "sac_actor_grad_norm",
                            "td_grad_norm")}
     with torch.enable_grad():
@@ -400,36 +344,26 @@ def diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, 
                 out["score_residual_rel"].append((residual.norm() / grad_q.norm().clamp_min(1e-8)).item())
                 out["score_cosine"].append(F.cosine_similarity(grad_q, data_score.expand_as(grad_q), -1).mean().item())
                 out["alpha_psi_mean"].append(score_scale(obs).mean().item())
-            out["sac_actor_grad_norm"].append(grad_norm(sac_actor_loss(mean, log_std, obs, critic, alpha), actor))
-            y = soft_td_target(actor, target_critic, batch, args.gamma, alpha)
+            out["sac_actor_grad_norm"].append(grad_norm(sac_actor_loss(mean, log_std, obs, critic, args.alpha), actor))
+            y = soft_td_target(actor, target_critic, batch, args.gamma, args.alpha)
             out["td_grad_norm"].append(grad_norm(td_loss(critic, batch, y), critic))
     torch.random.set_rng_state(rng_state)
     return {k: float(np.mean(v)) if v else math.nan for k, v in out.items()}
 
 
-def grad_norm(loss: torch.Tensor, module: nn.Module) -> float:
-    grads = torch.autograd.grad(loss, list(module.parameters()))
-    return torch.sqrt(sum((g**2).sum() for g in grads)).item()
-
-
-def probe_states(buffer, n: int = 1024) -> torch.Tensor:
-    """A fixed set of dataset states (normalized) at which the fine-tuners measure KL(pi_offline || pi_t)."""
-    idx = torch.linspace(0, buffer.size - 1, min(n, buffer.size), device=buffer.device).long()
-    return buffer.data["observations"][idx]
-
-
-def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q) -> torch.Tensor:
-    # KL(pi_p || pi_q) of two tanh-Gaussians = KL of their Gaussians (tanh is a bijection); summed over dimensions
-    var_ratio = torch.exp(2 * (log_std_p - log_std_q))
-    return 0.5 * (var_ratio + ((mean_p - mean_q) / log_std_q.exp()) ** 2 - 1.0 - torch.log(var_ratio)).sum(-1)
-
-
 # ======================================================================================================================
-# Plumbing below: argument checks, D4RL data without the d4rl package, evaluation, replay, optimizers, checkpoints.
+# Plumbing below: checks, D4RL data without the d4rl package, evaluation, replay, logs, checkpoints, online helpers.
 # ======================================================================================================================
 
 # D4RL's v2 data came from the v3 MuJoCo envs; gymnasium's v4 envs have the same model (v5 changed it), so v4 it is.
 warnings.filterwarnings("ignore", message=".*is out of date. You should consider upgrading to version `v5`")
+D4RL_ENVS = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4"}
+D4RL_DATASETS = ("random", "medium", "medium-replay", "medium-expert", "expert")
+D4RL_NAMES = [f"{e}-{d}-v2" for e in D4RL_ENVS for d in D4RL_DATASETS]
+REF_RETURNS = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3)}
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{}_{}-v2.hdf5"
+DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
+LOG_FREQ = 1000  # updates (offline) or steps (online) between log lines
 
 
 class SMACError(Exception):
@@ -442,20 +376,6 @@ def check_args(args: Args) -> None:
         raise SMACError(f"--return-quantile must be in [0, 1], got {args.return_quantile}")
     if args.score_coef < 0 or args.diffusion_steps < 1 or args.score_model_updates < 0:
         raise SMACError("--score-coef and --score-model-updates must be >= 0 and --diffusion-steps >= 1")
-
-
-def check_finite(losses: dict, update: int) -> None:
-    for what, loss in losses.items():
-        if not torch.isfinite(loss):
-            raise SMACError(f"{what} became {loss.item()} by update {update}; the last good checkpoint is kept")
-
-
-D4RL_ENVS = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4"}
-D4RL_DATASETS = ("random", "medium", "medium-replay", "medium-expert", "expert")
-D4RL_NAMES = [f"{e}-{d}-v2" for e in D4RL_ENVS for d in D4RL_DATASETS]
-REF_RETURNS = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3)}
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{}_{}-v2.hdf5"
-DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 
 
 def check_env_name(name: str) -> str:
@@ -494,8 +414,7 @@ def download(url: str, path: str) -> None:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 done += len(chunk)
-                progress = f"{100 * done / total:5.1f}%" if total else f"{done >> 20} MB"
-                print(f"\rdownloading {url}: {progress}", end="", file=sys.stderr, flush=True)
+                print(f"\rdownloading {url}: {done >> 20} of {total >> 20} MB", end="", file=sys.stderr, flush=True)
             print(file=sys.stderr)
         if total and done != total:
             raise SMACError(f"download of {url} stopped after {done} of {total} bytes")
@@ -507,9 +426,9 @@ def download(url: str, path: str) -> None:
             os.remove(tmp)
 
 
-def load_dataset(name: str, path: Optional[str], obs_dim: int, act_dim: int) -> dict:
-    """Read a D4RL-format HDF5 file; every check gives one clear SMACError. Adds episode_return_w: the return of
-    each transition's episode, min-max normalized over the dataset's episodes (the score model's w)."""
+def load_dataset(name: str, path: Optional[str]) -> dict:
+    """Read a D4RL-format HDF5 file (downloaded into the cache when no path is given), with one clear SMACError per
+    problem; adds episode_return_w, the normalized return of each transition's episode (the score model's w)."""
     if path is None:
         path = cached_dataset_path(name)
         if not os.path.exists(path):
@@ -518,15 +437,15 @@ def load_dataset(name: str, path: Optional[str], obs_dim: int, act_dim: int) -> 
         raise SMACError(f"dataset file {path} does not exist")
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in DATASET_KEYS if k not in f]
-            if missing:
+            if missing := [k for k in DATASET_KEYS if k not in f]:
                 raise SMACError(f"{path} lacks the D4RL key(s) {missing}")
             data = {k: f[k][()] for k in DATASET_KEYS}
     except OSError as e:
         raise SMACError(f"cannot read {path} as HDF5: {e}") from e
-    lengths = {k: len(v) for k, v in data.items()}
-    if len(set(lengths.values())) != 1:
-        raise SMACError(f"{path}: the keys have different lengths {lengths}")
+    if len(lengths := {len(v) for v in data.values()}) != 1:
+        raise SMACError(f"{path}: the keys have different lengths {sorted(lengths)}")
+    space = gym.make(gym_id(name))
+    obs_dim, act_dim = space.observation_space.shape[0], space.action_space.shape[0]
     for key, dim in (("observations", obs_dim), ("next_observations", obs_dim), ("actions", act_dim)):
         if data[key].ndim != 2 or data[key].shape[1] != dim:
             raise SMACError(f"{path}: {key} has shape {data[key].shape}, the env {gym_id(name)} needs (N, {dim})")
@@ -535,20 +454,14 @@ def load_dataset(name: str, path: Optional[str], obs_dim: int, act_dim: int) -> 
             raise SMACError(f"{path}: {key} contains NaN or inf values")
     data = {k: v.astype(np.float32) for k, v in data.items()}
     data["dones"] = data.pop("terminals")  # a timeout ends the episode but is not a terminal state: no bootstrap cut
-    data["episode_return_w"] = episode_returns(data)
-    return data
-
-
-def episode_returns(data: dict) -> np.ndarray:
-    """Per transition, its episode's return, min-max normalized to [0, 1] over the dataset's episodes. An episode
-    ends at a terminal, a timeout, a jump between next_observations[t] and observations[t+1], or the file's end."""
+    # an episode ends at a terminal, a timeout, a jump from next_observations[t] to observations[t+1], or the end
     ends = (data["dones"] > 0) | (data["timeouts"] > 0)
     ends[:-1] |= np.any(data["next_observations"][:-1] != data["observations"][1:], axis=1)
     ends[-1] = True
     episode = np.concatenate([[0], np.cumsum(ends)[:-1]])
-    returns = np.bincount(episode, weights=data["rewards"])
-    low, high = returns.min(), returns.max()
-    return ((returns - low) / max(high - low, 1e-8))[episode].astype(np.float32)
+    returns = np.bincount(episode, weights=data["rewards"])  # w = (R - min R) / (max R - min R) over episodes
+    data["episode_return_w"] = ((returns - returns.min()) / max(np.ptp(returns), 1e-8))[episode].astype(np.float32)
+    return data
 
 
 def make_env(name: str, obs_mean: np.ndarray, obs_std: np.ndarray) -> gym.Env:
@@ -559,12 +472,11 @@ def make_env(name: str, obs_mean: np.ndarray, obs_std: np.ndarray) -> gym.Env:
 
 
 @torch.no_grad()
-def evaluate(actor: Actor, env: gym.Env, episodes: int, eval_seed: int, device: torch.device) -> list:
-    """Returns of deterministic episodes (action tanh(mean)), episode i reset with seed eval_seed + i."""
+def evaluate(actor: Actor, env: gym.Env, episodes: int, device: torch.device) -> list:
+    """Returns of deterministic episodes (action tanh(mean)), episode i reset with seed i."""
     returns = []
     for i in range(episodes):
-        obs, _ = env.reset(seed=eval_seed + i)
-        done, total = False, 0.0
+        (obs, _), done, total = env.reset(seed=i), False, 0.0
         while not done:
             action = actor.act(torch.as_tensor(obs, device=device)[None], deterministic=True)[0].cpu().numpy()
             obs, reward, terminated, truncated, _ = env.step(action)
@@ -578,7 +490,7 @@ class ReplayBuffer:
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device, extra: tuple = ()):
         shapes = {"observations": obs_dim, "actions": act_dim, "rewards": 1, "next_observations": obs_dim, "dones": 1}
-        shapes.update({k: 1 for k in extra})
+        shapes.update(dict.fromkeys(extra, 1))
         self.data = {k: torch.zeros(capacity, d, device=device) for k, d in shapes.items()}
         self.capacity, self.size, self.pos, self.device = capacity, 0, 0, device
 
@@ -595,7 +507,6 @@ class ReplayBuffer:
 
 
 def dataset_buffer(data: dict, obs_mean, obs_std, device: torch.device) -> ReplayBuffer:
-    """The dataset as a replay buffer, observations normalized, with each transition's episode return w."""
     buffer = ReplayBuffer(len(data["rewards"]), len(obs_mean), data["actions"].shape[1], device, extra=("w",))
     buffer.add(observations=(data["observations"] - obs_mean) / obs_std, rewards=data["rewards"],
                actions=data["actions"].clip(-1.0, 1.0), dones=data["dones"], w=data["episode_return_w"],
@@ -603,98 +514,14 @@ def dataset_buffer(data: dict, obs_mean, obs_std, device: torch.device) -> Repla
     return buffer
 
 
-def make_optimizer(modules: list, lr: float, kind: str) -> torch.optim.Optimizer:
-    params = [p for m in modules for p in m.parameters()]
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    matrices = [p for p in params if p.ndim == 2 and min(p.shape) > 1]  # hidden and input matrices; not 1-row heads
-    others = [p for p in params if not (p.ndim == 2 and min(p.shape) > 1)]
-    return MultiOptimizer(Muon(matrices, lr=lr), torch.optim.Adam(others, lr=lr))
+def grad_norm(loss: torch.Tensor, module: nn.Module) -> float:
+    return torch.sqrt(sum((g**2).sum() for g in torch.autograd.grad(loss, list(module.parameters())))).item()
 
 
-class Muon(torch.optim.Optimizer):
-    """Muon: SGD with Nesterov momentum whose update of each weight matrix is orthogonalized by a Newton-Schulz
-    iteration, scaled to Adam's step size (0.2 sqrt(max(m, n)), as torch.optim.Muon's match_rms_adamw). Written out
-    because torch.optim.Muon iterates in bfloat16, which is ~200x slower than float32 on a CPU."""
-
-    def __init__(self, params, lr: float, momentum: float = 0.95, ns_steps: int = 5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - group["momentum"])
-                update = p.grad.lerp(buf, group["momentum"])  # Nesterov
-                x = update / (update.norm() + 1e-7)
-                transposed = x.shape[0] > x.shape[1]
-                x = x.T if transposed else x
-                for _ in range(group["ns_steps"]):  # X <- a X + (b X X^T + c (X X^T)^2) X, coefficients of Muon
-                    gram = x @ x.T
-                    x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
-                x = x.T if transposed else x
-                p.add_(x, alpha=-group["lr"] * 0.2 * math.sqrt(max(p.shape)))
-
-
-class MultiOptimizer:
-    """Steps several optimizers as one."""
-
-    def __init__(self, *optimizers):
-        self.optimizers = optimizers
-
-    def zero_grad(self):
-        for opt in self.optimizers:
-            opt.zero_grad()
-
-    def step(self):
-        for opt in self.optimizers:
-            opt.step()
-
-
-CHECKPOINT_FORMAT = "smac-checkpoint-v2"
-CHECKPOINT_KEYS = ("actor", "critic", "target_critic", "alpha", "env", "obs_mean", "obs_std", "obs_dim", "act_dim",
-                   "hidden_dim", "critic_activation", "probe_obs", "args")
-
-
-def save_checkpoint(path: str, **content) -> None:
-    """torch.save to a temporary file, renamed into place: a reader never sees a half-written checkpoint."""
-    content = {"format": CHECKPOINT_FORMAT, **content}
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(content, tmp)
-    os.replace(tmp, path)
-
-
-def cpu_state(module: nn.Module) -> dict:
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-
-
-def load_checkpoint(path: str, device: torch.device):
-    """Checkpoint dict and its networks (actor, critic, target critic); weights_only=True: loading runs no code."""
-    if not os.path.isfile(path):
-        raise SMACError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt files and for pickled code
-        raise SMACError(f"cannot read {path} as a SMAC checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise SMACError(f"{path} is not a SMAC checkpoint (no format {CHECKPOINT_FORMAT!r})")
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    if missing:
-        raise SMACError(f"{path} is an incomplete SMAC checkpoint: it lacks {missing}")
-    obs_dim, act_dim, hidden, activation = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"], ckpt["critic_activation"]
-    actor = Actor(obs_dim, act_dim, hidden).to(device)
-    critic = TwinCritic(obs_dim, act_dim, hidden, activation).to(device)
-    target_critic = TwinCritic(obs_dim, act_dim, hidden, activation).to(device)
-    try:
-        actor.load_state_dict(ckpt["actor"])
-        critic.load_state_dict(ckpt["critic"])
-        target_critic.load_state_dict(ckpt["target_critic"])
-    except RuntimeError as e:  # missing or mis-shaped weights
-        raise SMACError(f"{path}: the networks do not match the recorded shapes ({str(e)[:200]})") from e
-    return ckpt, actor, critic, target_critic
+def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q) -> torch.Tensor:
+    # KL(pi_p || pi_q) of two tanh-Gaussians = KL of their Gaussians (tanh is a bijection); summed over dimensions
+    var_ratio = torch.exp(2 * (log_std_p - log_std_q))
+    return 0.5 * (var_ratio + ((mean_p - mean_q) / log_std_q.exp()) ** 2 - 1.0 - torch.log(var_ratio)).sum(-1)
 
 
 def seed_everything(seed: int, torch_deterministic: bool) -> None:
@@ -704,11 +531,8 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = torch_deterministic
 
 
-def pick_device(cuda: bool) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and cuda else "cpu")
-
-
 def start_logging(args, run_name: str, run_dir: str) -> SummaryWriter:
+    os.makedirs(run_dir, exist_ok=True)
     if args.track:
         import wandb
 
@@ -718,6 +542,201 @@ def start_logging(args, run_name: str, run_dir: str) -> SummaryWriter:
     table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     return writer
+
+
+def append_csv(path: str, row: dict) -> None:
+    """One row per evaluation, written as it happens (the header with the first)."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow({k: f"{v:.5g}" if isinstance(v, float) else v for k, v in row.items()})
+
+
+class OfflineLog:
+    """smac.py's TensorBoard scalars, finite-checks at log steps (a check per update would sync a GPU every step),
+    evaluations into metrics.csv and the checkpoint smac.pt, rewritten at each evaluation."""
+
+    def __init__(self, args, run_name, run_dir, obs_mean, obs_std, buffer):
+        self.args, self.run_dir, self.writer = args, run_dir, start_logging(args, run_name, run_dir)
+        idx = torch.linspace(0, buffer.size - 1, min(1024, buffer.size), device=buffer.device).long()
+        self.probe_obs = buffer.data["observations"][idx].cpu()  # where the fine-tuners measure KL to this policy
+        self.obs_mean, self.obs_std = torch.as_tensor(obs_mean), torch.as_tensor(obs_std)
+        self.start_time, self.eval_seconds, self.result = time.time(), 0.0, {}
+
+    def losses(self, phase: str, update: int, **losses) -> None:
+        if update % LOG_FREQ != 0:
+            return
+        for name, value in losses.items():
+            if not torch.isfinite(value).all():
+                raise SMACError(f"the {name} became {value.mean().item()} by update {update}; the last good checkpoint "
+                                "is kept")
+        scalars = {k: v.mean().item() for k, v in losses.items()}
+        scalars["SPS"] = int(update / (time.time() - self.start_time - self.eval_seconds))  # evaluation excluded
+        for name, value in scalars.items():
+            self.writer.add_scalar(f"{phase}/{name}", value, update)
+        print(" ".join([f"{phase} update={update}"] + [f"{k}={v:.4g}" for k, v in scalars.items()]), flush=True)
+
+    def evaluate(self, update, actor, critic, target_critic, diagnostics: dict) -> None:
+        eval_start, args = time.time(), self.args
+        returns = evaluate(actor, make_env(args.env, self.obs_mean.numpy(), self.obs_std.numpy()), args.eval_episodes,
+                           next(actor.parameters()).device)
+        score = float(np.mean([normalized_score(args.env, r) for r in returns]))
+        self.result = {"update": update, "normalized_score": score, **diagnostics}
+        for name, value in self.result.items():
+            self.writer.add_scalar(f"eval/{name}", value, update)
+        print("eval " + " ".join(f"{k}={v:.4g}" for k, v in self.result.items()), flush=True)
+        append_csv(os.path.join(self.run_dir, "metrics.csv"), self.result)
+        save_checkpoint(os.path.join(self.run_dir, "smac.pt"), actor, critic, target_critic, env=args.env,
+                        alpha=args.alpha, obs_mean=self.obs_mean, obs_std=self.obs_std, probe_obs=self.probe_obs,
+                        td_grad_norm=diagnostics["td_grad_norm"], args=asdict(args))
+        self.eval_seconds += time.time() - eval_start
+
+    def finish(self) -> dict:
+        self.writer.close()
+        sps = int(self.result["update"] / (time.time() - self.start_time - self.eval_seconds))
+        print(f"{sps} updates/s; checkpoint: {os.path.join(self.run_dir, 'smac.pt')}")
+        return {"run_dir": self.run_dir, "sps": sps, **self.result}
+
+
+CHECKPOINT_FORMAT = "smac-checkpoint-v3"
+CHECKPOINT_KEYS = ("actor", "critic", "target_critic", "env", "alpha", "obs_mean", "obs_std", "probe_obs",
+                   "td_grad_norm", "args")
+
+
+def save_checkpoint(path: str, actor, critic, target_critic, **content) -> None:
+    """Weights and what the fine-tuners need, saved to a temporary file and renamed: never seen half-written."""
+    state = {name: {k: v.detach().cpu() for k, v in net.state_dict().items()}
+             for name, net in (("actor", actor), ("critic", critic), ("target_critic", target_critic))}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"format": CHECKPOINT_FORMAT, **state, **content}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device: torch.device):
+    """Checkpoint dict and its actor, critic and target critic; weights_only=True: loading runs no code."""
+    if not os.path.isfile(path):
+        raise SMACError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt files and for pickled code
+        raise SMACError(f"cannot read {path} as a SMAC checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise SMACError(f"{path} is not a SMAC checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    if missing := [k for k in CHECKPOINT_KEYS if k not in ckpt]:
+        raise SMACError(f"{path} is an incomplete SMAC checkpoint: it lacks {missing}")
+    try:
+        obs_dim, hidden = len(ckpt["obs_mean"]), ckpt["args"]["hidden_dim"]
+        act_dim = len(ckpt["actor"]["net.4.bias"]) // 2  # the actor's head outputs mean and log_std
+        actor, critic = Actor(obs_dim, act_dim, hidden).to(device), TwinCritic(obs_dim, act_dim, hidden).to(device)
+        target_critic = copy.deepcopy(critic)
+        for net, key in ((actor, "actor"), (critic, "critic"), (target_critic, "target_critic")):
+            net.load_state_dict(ckpt[key])
+    except (RuntimeError, KeyError, TypeError) as e:  # missing or mis-shaped weights
+        raise SMACError(f"{path}: the networks do not match the recorded shapes ({str(e)[:200]})") from e
+    return ckpt, actor, critic, target_critic
+
+
+# ---------------------------------------------------------------- online helpers, shared by the two fine-tuners
+HANDOVER_UPDATES = (100, 500, 1000)  # extra evaluations (score and KL to the offline policy) after the hand-over
+
+
+def transfer_metrics(evals: list, train_scores: list, drop_window: int) -> dict:
+    """evals: (updates since the hand-over, normalized score), step 0 first. drop is counted in updates from the
+    step at which updates begin, so a fall the updates cause is always inside the window.
+    drop   = max(0, step-0 score - lowest evaluation within drop_window updates)
+    regret = mean over online training episodes of (1 - normalized return / 100)   (as Cal-QL and CORL)"""
+    start, lowest = evals[0][1], min(score for updates, score in evals if updates <= drop_window)
+    regret = float(np.mean([1.0 - s / 100.0 for s in train_scores])) if train_scores else math.nan
+    return {"step0_score": start, "lowest_early_score": lowest, "drop": max(0.0, start - lowest), "regret": regret,
+            "final_score": evals[-1][1], "train_episodes": len(train_scores)}
+
+
+class OnlineRun:
+    """The fine-tuners' plumbing: the checkpoint's networks and envs, the online replay buffer, training episodes,
+    evaluations (step 0, every eval_freq steps, 100/500/1000 updates after the hand-over) into metrics.csv with
+    kl_to_offline = mean KL(pi_offline || pi_t) at the checkpoint's dataset states, final.pt at every evaluation, and
+    summary.csv: the transfer metrics and td_grad_ratio (the critic's TD-gradient norm over the first 10 online
+    updates, relative to its offline value)."""
+
+    def __init__(self, args, device: torch.device):
+        if args.learning_starts < 1 or args.total_timesteps <= args.learning_starts:
+            raise SMACError("--learning-starts must be >= 1 and smaller than --total-timesteps")
+        self.ckpt, self.actor, self.critic, self.target_critic = load_checkpoint(args.checkpoint, device)
+        self.args, self.device, self.env_name = args, device, check_env_name(self.ckpt["env"])
+        obs_mean, obs_std = self.ckpt["obs_mean"].numpy(), self.ckpt["obs_std"].numpy()
+        self.env, self.eval_env = make_env(self.env_name, obs_mean, obs_std), make_env(self.env_name, obs_mean, obs_std)
+        run_name = f"{self.env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.run_dir = os.path.join(args.run_dir, run_name)
+        self.writer = start_logging(args, run_name, self.run_dir)
+        self.buffer = ReplayBuffer(min(args.buffer_size, args.total_timesteps), len(obs_mean),
+                                   self.env.action_space.shape[0], device)
+        self.offline_actor, self.probe_obs = copy.deepcopy(self.actor), self.ckpt["probe_obs"].to(device)
+        updates = args.total_timesteps - args.learning_starts
+        self.drop_window = args.drop_window if args.drop_window is not None else max(5000, updates // 10)
+        self.evals, self.kl, self.train_scores, self.new_returns, self.td_grad_norms = [], {}, [], [], []
+        self.obs, _ = self.env.reset(seed=args.seed)
+        self.start_time = time.time()
+        self.evaluate(0, self.ckpt["alpha"])  # the offline policy opens the curve
+
+    def env_step(self, step: int, action: np.ndarray) -> None:
+        next_obs, reward, terminated, truncated, info = self.env.step(action)
+        self.buffer.add(observations=self.obs[None], actions=action[None], rewards=[reward],
+                        next_observations=next_obs[None], dones=[terminated])  # a time-limit end still bootstraps
+        self.obs = next_obs
+        if terminated or truncated:
+            episode_return = float(info["episode"]["r"])
+            self.train_scores.append(normalized_score(self.env_name, episode_return))
+            self.new_returns.append(episode_return)
+            self.writer.add_scalar("charts/episodic_return", episode_return, step)
+            self.obs, _ = self.env.reset()
+
+    def critic_step(self) -> None:
+        """Call between the critic's backward and its optimizer step."""
+        if len(self.td_grad_norms) < 10:
+            self.td_grad_norms.append(torch.sqrt(sum((p.grad**2).sum() for p in self.critic.parameters())).item())
+
+    def end_step(self, step: int, alpha: float, **losses) -> None:
+        if step % LOG_FREQ == 0:
+            sps = int(step / (time.time() - self.start_time))
+            for name, value in {**losses, "alpha": alpha, "SPS": sps}.items():
+                self.writer.add_scalar(f"charts/{name}", float(value), step)
+            print(f"step={step} SPS={sps}", flush=True)
+        handover = step - self.args.learning_starts in HANDOVER_UPDATES
+        if step % self.args.eval_freq == 0 or step == self.args.total_timesteps or handover:
+            self.evaluate(step, alpha)
+
+    def evaluate(self, step: int, alpha: float) -> None:
+        returns = evaluate(self.actor, self.eval_env, self.args.eval_episodes, self.device)
+        score = float(np.mean([normalized_score(self.env_name, r) for r in returns]))
+        with torch.no_grad():
+            kl = gaussian_kl(*self.offline_actor(self.probe_obs), *self.actor(self.probe_obs)).mean().item()
+        updates = max(0, step - self.args.learning_starts)
+        self.evals.append((updates, score))
+        self.kl[updates] = kl
+        append_csv(os.path.join(self.run_dir, "metrics.csv"), dict(
+            step=step, updates=updates, normalized_score=score, kl_to_offline=kl,
+            train_episode_returns=" ".join(f"{r:.2f}" for r in self.new_returns)))
+        self.new_returns = []
+        self.writer.add_scalar("eval/normalized_score", score, step)
+        self.writer.add_scalar("eval/kl_to_offline", kl, step)
+        print(f"eval step={step} updates={updates} normalized_score={score:.1f} kl_to_offline={kl:.4g}", flush=True)
+        save_checkpoint(os.path.join(self.run_dir, "final.pt"), self.actor, self.critic, self.target_critic,
+                        **{k: self.ckpt[k] for k in CHECKPOINT_KEYS[3:] if k != "alpha"}, alpha=float(alpha),
+                        online_args=asdict(self.args))
+
+    def finish(self) -> dict:
+        summary = transfer_metrics(self.evals, self.train_scores, self.drop_window)
+        summary["td_grad_ratio"] = float(np.mean(self.td_grad_norms)) / self.ckpt["td_grad_norm"]
+        summary.update({f"kl_{u}": self.kl.get(u, math.nan) for u in HANDOVER_UPDATES})
+        append_csv(os.path.join(self.run_dir, "summary.csv"), summary)
+        for key, value in summary.items():
+            self.writer.add_scalar(f"summary/{key}", value, self.args.total_timesteps)
+        self.writer.close()
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+        print(f"fine-tuned checkpoint: {os.path.join(self.run_dir, 'final.pt')}")
+        return {"run_dir": self.run_dir, **summary}
 
 
 if __name__ == "__main__":

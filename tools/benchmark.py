@@ -36,7 +36,6 @@ class Args:
 CONFIGS = {  # the diffusion model's own training (--score-model-updates) is timed apart by smac.py's log
     "score-coef 0 (baseline)": dict(score_coef=0.0),
     "SMAC (defaults)": dict(),
-    "SMAC, ReLU critic": dict(critic_activation="relu"),
 }
 
 
@@ -44,7 +43,7 @@ def main(args: Args) -> None:
     out = tempfile.mkdtemp(prefix="smac_bench_")
     common = dict(env=args.env, dataset_path=args.dataset_path, total_updates=args.updates, eval_freq=0,
                   score_model_updates=10,
-                  eval_episodes=1, log_freq=args.updates, run_dir=out, cuda=False)
+                  eval_episodes=1, run_dir=out, cuda=False)
     sps = {name: [] for name in CONFIGS}
     for _ in range(args.repeats):
         for name, extra in CONFIGS.items():
@@ -57,7 +56,7 @@ def main(args: Args) -> None:
         ckpt = smac.train(smac.Args(**{**common, "total_updates": 200}))["run_dir"]
         start = time.time()
         online = sac_finetune.Args(checkpoint=os.path.join(ckpt, "smac.pt"), total_timesteps=args.online_steps,
-                                   learning_starts=0, eval_freq=10**9, eval_episodes=1, run_dir=out, cuda=False)
+                                   learning_starts=1, eval_freq=10**9, eval_episodes=1, run_dir=out, cuda=False)
         sac_finetune.train(online)
         print(f"\nonline SAC fine-tuning (sac_finetune.py, batch 256, 256x256, policy delay 2): "
               f"{args.online_steps / (time.time() - start):.0f} env steps/s")

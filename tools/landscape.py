@@ -9,6 +9,7 @@ had to cross; a rising curve is a path without one. Several pairs (SMAC and base
 Writes <out>.csv (label, t, mean and std of the normalized return) and <out>.png.
 """
 
+import copy
 import csv
 import os
 import sys
@@ -38,9 +39,7 @@ class Args:
     points: int = 11
     """number of evenly spaced values of t"""
     episodes: int = 10
-    """deterministic evaluation episodes per point"""
-    eval_seed: int = 0
-    """episode i is reset with seed eval_seed + i (as in smac.py and the fine-tuners)"""
+    """deterministic evaluation episodes per point (episode i reset with seed i, as in smac.py and the fine-tuners)"""
     out: str = "results/landscape/landscape"
     """output path without extension: <out>.csv and <out>.png"""
     cuda: bool = True
@@ -55,9 +54,7 @@ def load_pair(offline_path: str, finetuned_path: str, device: torch.device):
         raise smac.SMACError(f"{offline_path} is for {offline['env']} but {finetuned_path} is for {online['env']}")
     shapes = {k: tuple(v.shape) for k, v in offline["actor"].items()}
     if shapes != {k: tuple(v.shape) for k, v in online["actor"].items()}:
-        raise smac.SMACError(f"the actors of {offline_path} and {finetuned_path} have different shapes "
-                             f"(obs {offline['obs_dim']}/{online['obs_dim']}, act {offline['act_dim']}/"
-                             f"{online['act_dim']}, hidden {offline['hidden_dim']}/{online['hidden_dim']})")
+        raise smac.SMACError(f"the actors of {offline_path} and {finetuned_path} have different shapes")
     same_normalization = all(torch.equal(offline[k], online[k]) for k in ("obs_mean", "obs_std"))
     if not same_normalization:
         raise smac.SMACError(f"{offline_path} and {finetuned_path} normalize observations differently: "
@@ -73,14 +70,14 @@ def interpolate(actor_0: smac.Actor, actor_1: smac.Actor, t: float, into: smac.A
     return into
 
 
-def path_scores(offline_path: str, finetuned_path: str, ts, episodes: int, eval_seed: int, device) -> List[tuple]:
+def path_scores(offline_path: str, finetuned_path: str, ts, episodes: int, device) -> List[tuple]:
     """[(t, mean, std of the normalized return)] along the line between the two actors."""
     ckpt, actor_0, actor_1 = load_pair(offline_path, finetuned_path, device)
     env = smac.make_env(ckpt["env"], ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy())
-    actor = smac.Actor(ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]).to(device)
+    actor = copy.deepcopy(actor_0)
     rows = []
     for t in ts:
-        returns = smac.evaluate(interpolate(actor_0, actor_1, float(t), actor), env, episodes, eval_seed, device)
+        returns = smac.evaluate(interpolate(actor_0, actor_1, float(t), actor), env, episodes, device)
         scores = [smac.normalized_score(ckpt["env"], r) for r in returns]
         rows.append((float(t), float(np.mean(scores)), float(np.std(scores))))
         print(f"t={t:+.2f} normalized_score={np.mean(scores):.1f} ± {np.std(scores):.1f}", flush=True)
@@ -119,14 +116,14 @@ def main(args: Args) -> dict:
         raise smac.SMACError(f"{len(labels)} --labels for {len(args.offline)} runs")
     if args.points < 2 or args.t_max <= args.t_min:
         raise smac.SMACError("the grid needs --points >= 2 and --t-max > --t-min")
-    device = smac.pick_device(args.cuda)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     for offline_path, finetuned_path in zip(args.offline, args.finetuned):  # all inputs checked before any episode
         load_pair(offline_path, finetuned_path, device)
     ts = np.linspace(args.t_min, args.t_max, args.points)
     results = {}
     for label, offline_path, finetuned_path in zip(labels, args.offline, args.finetuned):
         print(f"{label}: {offline_path} -> {finetuned_path}")
-        results[label] = path_scores(offline_path, finetuned_path, ts, args.episodes, args.eval_seed, device)
+        results[label] = path_scores(offline_path, finetuned_path, ts, args.episodes, device)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(f"{args.out}.csv", "w", newline="") as f:
         writer = csv.writer(f)

@@ -106,19 +106,18 @@ def run_job(job: dict) -> dict:
     if code != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit {code}); see {out_dir}/log.txt")
     (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d))]
+    with open(os.path.join(run_dir, "metrics.csv")) as f:  # the run's own record, one row per evaluation
+        rows = list(csv.DictReader(f))
     if job["kind"] == "offline":
-        import torch
-
-        ckpt = torch.load(os.path.join(run_dir, "smac.pt"), map_location="cpu", weights_only=True)
-        result = {"checkpoint": os.path.join(run_dir, "smac.pt"), "offline_score": ckpt["normalized_score"],
-                  "curve": ckpt["eval_history"], **ckpt["diagnostics"]}
+        result = {"checkpoint": os.path.join(run_dir, "smac.pt"), "offline_score": float(rows[-1]["normalized_score"]),
+                  "curve": [[int(r["update"]), float(r["normalized_score"])] for r in rows],
+                  **{k: float(rows[-1][k]) for k in OFFLINE_DIAGNOSTICS}}
     else:
-        with open(os.path.join(run_dir, "metrics.csv")) as f:
-            curve = [[int(row["step"]), float(row["normalized_score"])] for row in csv.DictReader(f)]
-        import torch
-
-        final = torch.load(os.path.join(run_dir, "final.pt"), map_location="cpu", weights_only=True)
-        result = {"checkpoint": os.path.join(run_dir, "final.pt"), "curve": curve, **final["summary"]}
+        with open(os.path.join(run_dir, "summary.csv")) as f:
+            (summary,) = list(csv.DictReader(f))
+        result = {"checkpoint": os.path.join(run_dir, "final.pt"),
+                  "curve": [[int(r["step"]), float(r["normalized_score"])] for r in rows],
+                  **{k: float(v) for k, v in summary.items()}}
     tmp = os.path.join(out_dir, "result.json.tmp")
     with open(tmp, "w") as f:
         json.dump(result, f)
