@@ -7,12 +7,10 @@ the SMAC penalty is not used here. What SMAC changes is where SAC starts.
 """
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import tyro
 
 import smac
 
@@ -53,6 +51,8 @@ class Args:
     """learning rate of the critics"""
     learning_starts: int = 1000
     """online steps collected by the offline policy before updates begin"""
+    lr_warmup: int = 0
+    """the learning rates rise linearly from 0 over this many updates after the hand-over (0: none)"""
     policy_frequency: int = 2
     """the actor (and alpha) is updated every this many steps, that many times (delayed updates, as CleanRL)"""
     autotune: bool = True
@@ -77,12 +77,14 @@ def train(args: Args) -> dict:
     target_entropy = -float(run.env.action_space.shape[0])
 
     critic_loss = actor_loss = torch.zeros(())
-    for step in range(1, args.total_timesteps + 1):
+    for step in smac.progress(range(1, args.total_timesteps + 1), "online steps"):
         with torch.no_grad():
             action = actor.act(torch.as_tensor(run.obs, device=device)[None])[0].cpu().numpy()
         run.env_step(step, action)
 
         if step > args.learning_starts:
+            smac.warm_up_lr({actor_opt: args.policy_lr, critic_opt: args.q_lr}, step - args.learning_starts,
+                            args.lr_warmup)
             batch = run.buffer.sample(args.batch_size)
             # L_Q = sum_i E (Q_i(s, a) - y)^2,  y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s'))
             y = smac.soft_td_target(actor, target_critic, batch, args.gamma, alpha)
@@ -115,7 +117,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        train(tyro.cli(Args))
-    except smac.SMACError as e:
-        sys.exit(f"error: {e}")
+    smac.main(train, Args)

@@ -13,16 +13,18 @@ already points where the data is.
 
 import copy
 import csv
+import http.client
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import gymnasium as gym
@@ -32,15 +34,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from gymnasium.envs.registration import EnvSpec
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 
 @dataclass
 class Args:
     env: str = "hopper-medium-replay-v2"
-    """D4RL dataset name, {halfcheetah,hopper,walker2d}-{random,medium,medium-replay,medium-expert,expert}-v2"""
+    """a D4RL name, {halfcheetah,hopper,walker2d}-{random,medium,...}-v2, or a Minari id (mujoco/hopper/medium-v0)"""
     dataset_path: Optional[str] = None
-    """local D4RL-format HDF5 file to use instead of the download/cache"""
+    """local D4RL-format HDF5 file to use instead of the download/cache (D4RL names only)"""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
@@ -80,6 +84,8 @@ class Args:
     # ---- SMAC arguments
     score_coef: float = 10.0
     """kappa, weight of the score-matching penalty (0: the same offline SAC without SMAC, the baseline)"""
+    score_batch_size: Optional[int] = None
+    """states of each minibatch at which the penalty is estimated (default all; fewer: cheaper, noisier)"""
     score_model_updates: int = 100_000
     """updates of the diffusion model of the dataset's actions, trained before the actor-critic"""
     diffusion_steps: int = 10
@@ -254,8 +260,9 @@ def soft_update(net: nn.Module, target: nn.Module, tau: float) -> None:
 
 # ---------------------------------------------------------------- the offline loop
 def train(args: Args) -> dict:
-    check_args(args)
-    run_name = f"{args.env}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    check_flags(args)
+    check_env_name(args.env)
+    run_name = f"{args.env.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = os.path.join(args.run_dir, run_name)
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -273,11 +280,11 @@ def train(args: Args) -> dict:
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     critic_opt = torch.optim.Adam([*critic.parameters(), *score_scale.parameters()], lr=args.q_lr)
     score_model_opt = torch.optim.Adam(score_model.parameters(), lr=3e-4)
-    log = OfflineLog(args, run_name, run_dir, obs_mean, obs_std, buffer)
+    log = OfflineLog(args, run_name, run_dir, obs_mean, obs_std, buffer, data["task"])
     print(f"{run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, {device}, w_query {w_query:.3f}")
 
     # phase 1: the diffusion model of the dataset's actions, pi^D(a|s, w)
-    for update in range(1, (args.score_model_updates if args.score_coef > 0 else 0) + 1):
+    for update in progress(range(1, (args.score_model_updates if args.score_coef > 0 else 0) + 1), "score model"):
         batch = buffer.sample(args.batch_size)
         diffusion_loss = score_model.loss(batch["observations"], batch["actions"], batch["w"])
         score_model_opt.zero_grad()
@@ -288,7 +295,7 @@ def train(args: Args) -> dict:
 
     # phase 2: the actor-critic
     log.start_time = time.time()
-    for update in range(1, args.total_updates + 1):
+    for update in progress(range(1, args.total_updates + 1), "offline updates"):
         batch = buffer.sample(args.batch_size)
         obs = batch["observations"]
         mean, log_std = actor(obs)
@@ -297,10 +304,11 @@ def train(args: Args) -> dict:
         y = soft_td_target(actor, target_critic, batch, args.gamma, args.alpha)
         critic_td_loss = td_loss(critic, batch, y)
         sm_loss = torch.zeros((), device=device)
-        if args.score_coef > 0:  # SMAC
-            w = torch.full((len(obs), 1), w_query, device=device)
-            residual, _, _ = score_matching_residual(critic, score_scale, score_model, obs,
-                                                     penalty_actions(mean, log_std), w)
+        if args.score_coef > 0:  # SMAC, at s ~ D: the first score_batch_size states of the (iid) minibatch
+            n = args.score_batch_size or args.batch_size
+            w = torch.full((n, 1), w_query, device=device)
+            actions = penalty_actions(mean[:n], log_std[:n])
+            residual, _, _ = score_matching_residual(critic, score_scale, score_model, obs[:n], actions, w)
             sm_loss = score_matching_loss(residual)
         critic_loss = critic_td_loss + args.score_coef * sm_loss
         critic_opt.zero_grad()
@@ -361,7 +369,8 @@ D4RL_ENVS = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d":
 D4RL_DATASETS = ("random", "medium", "medium-replay", "medium-expert", "expert")
 D4RL_NAMES = [f"{e}-{d}-v2" for e in D4RL_ENVS for d in D4RL_DATASETS]
 REF_RETURNS = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3)}
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{}_{}-v2.hdf5"
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{env}_{dataset}-v2.hdf5"
+MINARI_ID = re.compile(r"[\w.-]+(/[\w.-]+)+-v\d+")  # namespace/.../name-vN
 DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 LOG_FREQ = 1000  # updates (offline) or steps (online) between log lines
 
@@ -370,33 +379,53 @@ class SMACError(Exception):
     """Bad input or a failed run: the message says what and how to fix it."""
 
 
-def check_args(args: Args) -> None:
-    check_env_name(args.env)
-    if not 0.0 <= args.return_quantile <= 1.0:
-        raise SMACError(f"--return-quantile must be in [0, 1], got {args.return_quantile}")
-    if args.score_coef < 0 or args.diffusion_steps < 1 or args.score_model_updates < 0:
-        raise SMACError("--score-coef and --score-model-updates must be >= 0 and --diffusion-steps >= 1")
+FLAG_RULES = {  # flag: (test, what it must be); each script checks the flags it has
+    **dict.fromkeys(("total_updates", "total_timesteps", "batch_size", "hidden_dim", "eval_episodes", "buffer_size",
+                     "policy_frequency", "diffusion_steps", "learning_starts"), (lambda v: v >= 1, ">= 1")),
+    **dict.fromkeys(("score_model_updates", "eval_freq", "lr_warmup"), (lambda v: v >= 0, ">= 0")),
+    **dict.fromkeys(("policy_lr", "q_lr", "alpha"), (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")),
+    **dict.fromkeys(("score_coef", "score_scale_floor", "bc_coef", "exploration_noise", "policy_noise", "noise_clip"),
+                    (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")),
+    "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "return_quantile": (lambda v: 0 <= v <= 1, "in [0, 1]"), "drop_window": (lambda v: v is None or v >= 0, ">= 0"),
+}
+
+
+def check_flags(args) -> None:
+    """One clear error for a flag value that cannot work, before anything is written."""
+    for name, (ok, need) in FLAG_RULES.items():
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            raise SMACError(f"--{name.replace('_', '-')} must be {need}, got {getattr(args, name)}")
+    if getattr(args, "score_batch_size", None) is not None and not 1 <= args.score_batch_size <= args.batch_size:
+        raise SMACError(f"--score-batch-size must be in [1, --batch-size], got {args.score_batch_size}")
+    if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
+        raise SMACError(f"--run-dir {args.run_dir} is a file, not a folder")
 
 
 def check_env_name(name: str) -> str:
-    if name not in D4RL_NAMES:
-        raise SMACError(f"unknown env {name!r}; valid names: {', '.join(D4RL_NAMES)}")
+    if name not in D4RL_NAMES and not MINARI_ID.fullmatch(name):
+        raise SMACError(f"unknown dataset {name!r}: give a Minari id such as mujoco/hopper/medium-v0 or one of the "
+                        f"D4RL names {', '.join(D4RL_NAMES)}")
     return name
 
 
-def gym_id(name: str) -> str:
-    return D4RL_ENVS[check_env_name(name).split("-")[0]]
+def d4rl_task(name: str) -> dict:
+    """What evaluation needs to know of a dataset (the checkpoint keeps it): its gymnasium env, as a JSON EnvSpec,
+    and its reference returns."""
+    env = check_env_name(name).split("-")[0]
+    return {"name": name, "env_spec": gym.spec(D4RL_ENVS[env]).to_json(), "ref_scores": list(REF_RETURNS[env])}
 
 
-def normalized_score(name: str, episode_return: float) -> float:
-    # D4RL: score = 100 * (R - R_random) / (R_expert - R_random)
-    low, high = REF_RETURNS[check_env_name(name).split("-")[0]]
+def normalized_score(task: dict, episode_return: float) -> float:
+    # D4RL (and Minari): score = 100 * (R - R_random) / (R_expert - R_random)
+    low, high = task["ref_scores"]
     return 100.0 * (episode_return - low) / (high - low)
 
 
 def dataset_url(name: str) -> str:
+    """The file's URL; $D4RL_URL (a template with {env} and {dataset}) points elsewhere, e.g. to a mirror."""
     env, dataset = check_env_name(name)[: -len("-v2")].split("-", 1)
-    return D4RL_URL.format(env, dataset.replace("-", "_"))
+    return os.environ.get("D4RL_URL", D4RL_URL).format(env=env, dataset=dataset.replace("-", "_"))
 
 
 def cached_dataset_path(name: str) -> str:
@@ -405,30 +434,38 @@ def cached_dataset_path(name: str) -> str:
 
 
 def download(url: str, path: str) -> None:
-    """Download into a temporary file beside `path`, renamed into place only once complete."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".part")
+    """Download into a temporary file beside `path`, renamed into place only once complete; on failure nothing is
+    left behind (not even a cache folder this call created)."""
+    folder = os.path.dirname(path) or "."
+    created = not os.path.isdir(folder)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
+    total = done = 0
     try:
         with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
-            total, done = int(response.headers.get("Content-Length") or 0), 0
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                done += len(chunk)
-                print(f"\rdownloading {url}: {done >> 20} of {total >> 20} MB", end="", file=sys.stderr, flush=True)
-            print(file=sys.stderr)
+            total = int(response.headers.get("Content-Length") or 0)
+            with progress(None, f"downloading {os.path.basename(path)}", total=total, unit="B", unit_scale=True) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    bar.update(len(chunk))
         if total and done != total:
-            raise SMACError(f"download of {url} stopped after {done} of {total} bytes")
+            raise http.client.IncompleteRead(b"", total - done)  # the server closed the connection early
         os.replace(tmp, path)
-    except (urllib.error.URLError, OSError) as e:
-        raise SMACError(f"could not download {url} ({e}); with no network, give a local file: --dataset-path") from e
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        closed = isinstance(e, http.client.IncompleteRead)
+        what = f"the connection closed after {done} of {total} bytes" if closed else str(e)
+        raise SMACError(f"could not download {url} ({what}; nothing was kept); with no network, give a local "
+                        "file: --dataset-path") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if created and not os.listdir(folder):
+            os.rmdir(folder)
 
 
-def load_dataset(name: str, path: Optional[str]) -> dict:
-    """Read a D4RL-format HDF5 file (downloaded into the cache when no path is given), with one clear SMACError per
-    problem; adds episode_return_w, the normalized return of each transition's episode (the score model's w)."""
+def read_d4rl_file(name: str, path: Optional[str]):
+    """The D4RL-format HDF5 file (downloaded into the cache when no path is given): (data, where it came from)."""
     if path is None:
         path = cached_dataset_path(name)
         if not os.path.exists(path):
@@ -439,19 +476,64 @@ def load_dataset(name: str, path: Optional[str]) -> dict:
         with h5py.File(path, "r") as f:
             if missing := [k for k in DATASET_KEYS if k not in f]:
                 raise SMACError(f"{path} lacks the D4RL key(s) {missing}")
-            data = {k: f[k][()] for k in DATASET_KEYS}
+            return {k: f[k][()] for k in DATASET_KEYS}, path
     except OSError as e:
         raise SMACError(f"cannot read {path} as HDF5: {e}") from e
+
+
+def read_minari(name: str):
+    """A Minari dataset (loaded from $MINARI_DATASETS_PATH, downloaded by minari when absent) in D4RL's flat format,
+    and its task: the evaluation env it names and its reference returns."""
+    import minari  # only Minari ids need it
+
+    try:
+        dataset = minari.load_dataset(name, download=True)
+        spec = dataset.recover_environment(eval_env=True).spec  # the env the dataset names for evaluation
+    except Exception as e:  # minari raises several types for unknown ids, failed downloads and missing envs
+        raise SMACError(f"cannot load the Minari dataset {name} ({type(e).__name__}: {str(e)[:300]})") from e
+    meta = dataset.storage.metadata
+    if meta.get("ref_min_score") is None or meta.get("ref_max_score") is None:
+        raise SMACError(f"the Minari dataset {name} has no reference scores (ref_min_score, ref_max_score): the "
+                        "normalized score needs them")
+    episodes = list(dataset.iterate_episodes())
+    if not all(isinstance(e.observations, np.ndarray) and isinstance(e.actions, np.ndarray) for e in episodes):
+        raise SMACError(f"the Minari dataset {name} has structured (dict or tuple) observations or actions; SMAC here "
+                        "reads flat vectors only")
+    parts = {"observations": [e.observations[:-1] for e in episodes], "actions": [e.actions for e in episodes],
+             "rewards": [e.rewards for e in episodes], "next_observations": [e.observations[1:] for e in episodes],
+             "terminals": [e.terminations for e in episodes], "timeouts": [e.truncations for e in episodes]}
+    data = {k: np.concatenate(v) if episodes else np.zeros((0,)) for k, v in parts.items()}
+    task = {"name": name, "env_spec": spec.to_json(), "ref_scores": [float(meta["ref_min_score"]),
+                                                                      float(meta["ref_max_score"])]}
+    return data, task
+
+
+def load_dataset(name: str, path: Optional[str]) -> dict:
+    """A D4RL name's file or a Minari dataset as D4RL's flat arrays, with one clear SMACError per problem; adds the
+    task (the evaluation env and reference returns) and episode_return_w, the normalized return of each
+    transition's episode (the score model's w)."""
+    if check_env_name(name) in D4RL_NAMES:
+        (data, path), task = read_d4rl_file(name, path), d4rl_task(name)
+    elif path is not None:
+        raise SMACError(f"--dataset-path is for D4RL-format files; the Minari dataset {name} is read from "
+                        "$MINARI_DATASETS_PATH (default ~/.minari/datasets)")
+    else:
+        (data, task), path = read_minari(name), name
     if len(lengths := {len(v) for v in data.values()}) != 1:
         raise SMACError(f"{path}: the keys have different lengths {sorted(lengths)}")
-    space = gym.make(gym_id(name))
+    if lengths == {0}:
+        raise SMACError(f"{path} holds no transitions")
+    space = make_env(task, 0.0, 1.0)
     obs_dim, act_dim = space.observation_space.shape[0], space.action_space.shape[0]
     for key, dim in (("observations", obs_dim), ("next_observations", obs_dim), ("actions", act_dim)):
         if data[key].ndim != 2 or data[key].shape[1] != dim:
-            raise SMACError(f"{path}: {key} has shape {data[key].shape}, the env {gym_id(name)} needs (N, {dim})")
+            raise SMACError(f"{path}: {key} has shape {data[key].shape}, the env {space.spec.id} needs (N, {dim})")
     for key in ("observations", "actions", "rewards", "next_observations"):
         if not np.isfinite(data[key]).all():
             raise SMACError(f"{path}: {key} contains NaN or inf values")
+    if (outside := np.abs(data["actions"]) > 1.0).any():
+        warnings.warn(f"{path}: {outside.mean():.2%} of the action entries lie outside the action space [-1, 1] "
+                      f"(up to {np.abs(data['actions']).max():.4g}); they are clipped to it")
     data = {k: v.astype(np.float32) for k, v in data.items()}
     data["dones"] = data.pop("terminals")  # a timeout ends the episode but is not a terminal state: no bootstrap cut
     # an episode ends at a terminal, a timeout, a jump from next_observations[t] to observations[t+1], or the end
@@ -461,12 +543,18 @@ def load_dataset(name: str, path: Optional[str]) -> dict:
     episode = np.concatenate([[0], np.cumsum(ends)[:-1]])
     returns = np.bincount(episode, weights=data["rewards"])  # w = (R - min R) / (max R - min R) over episodes
     data["episode_return_w"] = ((returns - returns.min()) / max(np.ptp(returns), 1e-8))[episode].astype(np.float32)
+    data["task"] = task
     return data
 
 
-def make_env(name: str, obs_mean: np.ndarray, obs_std: np.ndarray) -> gym.Env:
-    """The gymnasium env of a D4RL name, observing (obs - dataset mean) / dataset std."""
-    env = gym.make(gym_id(name))
+def progress(iterable, desc: str, **kw) -> tqdm:
+    """A progress bar with rate and ETA on a terminal; silent when stdout is not one (CI, log files)."""
+    return tqdm(iterable, desc=desc, disable=not sys.stdout.isatty(), dynamic_ncols=True, **kw)
+
+
+def make_env(task: dict, obs_mean: np.ndarray, obs_std: np.ndarray) -> gym.Env:
+    """The task's gymnasium env, observing (obs - dataset mean) / dataset std."""
+    env = gym.make(EnvSpec.from_json(task["env_spec"]))
     env = gym.wrappers.TransformObservation(env, lambda o: ((o - obs_mean) / obs_std).astype(np.float32), None)
     return gym.wrappers.RecordEpisodeStatistics(env)
 
@@ -558,8 +646,9 @@ class OfflineLog:
     """smac.py's TensorBoard scalars, finite-checks at log steps (a check per update would sync a GPU every step),
     evaluations into metrics.csv and the checkpoint smac.pt, rewritten at each evaluation."""
 
-    def __init__(self, args, run_name, run_dir, obs_mean, obs_std, buffer):
+    def __init__(self, args, run_name, run_dir, obs_mean, obs_std, buffer, task: dict):
         self.args, self.run_dir, self.writer = args, run_dir, start_logging(args, run_name, run_dir)
+        self.task = task
         idx = torch.linspace(0, buffer.size - 1, min(1024, buffer.size), device=buffer.device).long()
         self.probe_obs = buffer.data["observations"][idx].cpu()  # where the fine-tuners measure KL to this policy
         self.obs_mean, self.obs_std = torch.as_tensor(obs_mean), torch.as_tensor(obs_std)
@@ -580,17 +669,17 @@ class OfflineLog:
 
     def evaluate(self, update, actor, critic, target_critic, diagnostics: dict) -> None:
         eval_start, args = time.time(), self.args
-        returns = evaluate(actor, make_env(args.env, self.obs_mean.numpy(), self.obs_std.numpy()), args.eval_episodes,
+        returns = evaluate(actor, make_env(self.task, self.obs_mean.numpy(), self.obs_std.numpy()), args.eval_episodes,
                            next(actor.parameters()).device)
-        score = float(np.mean([normalized_score(args.env, r) for r in returns]))
+        score = float(np.mean([normalized_score(self.task, r) for r in returns]))
         self.result = {"update": update, "normalized_score": score, **diagnostics}
         for name, value in self.result.items():
             self.writer.add_scalar(f"eval/{name}", value, update)
         print("eval " + " ".join(f"{k}={v:.4g}" for k, v in self.result.items()), flush=True)
         append_csv(os.path.join(self.run_dir, "metrics.csv"), self.result)
         save_checkpoint(os.path.join(self.run_dir, "smac.pt"), actor, critic, target_critic, env=args.env,
-                        alpha=args.alpha, obs_mean=self.obs_mean, obs_std=self.obs_std, probe_obs=self.probe_obs,
-                        td_grad_norm=diagnostics["td_grad_norm"], args=asdict(args))
+                        task=self.task, alpha=args.alpha, obs_mean=self.obs_mean, obs_std=self.obs_std,
+                        probe_obs=self.probe_obs, td_grad_norm=diagnostics["td_grad_norm"], args=asdict(args))
         self.eval_seconds += time.time() - eval_start
 
     def finish(self) -> dict:
@@ -601,17 +690,26 @@ class OfflineLog:
 
 
 CHECKPOINT_FORMAT = "smac-checkpoint-v3"
-CHECKPOINT_KEYS = ("actor", "critic", "target_critic", "env", "alpha", "obs_mean", "obs_std", "probe_obs",
+CHECKPOINT_KEYS = ("actor", "critic", "target_critic", "env", "task", "alpha", "obs_mean", "obs_std", "probe_obs",
                    "td_grad_norm", "args")
+
+
+last_checkpoint = None  # the path of the last checkpoint written, named when a run is interrupted
 
 
 def save_checkpoint(path: str, actor, critic, target_critic, **content) -> None:
     """Weights and what the fine-tuners need, saved to a temporary file and renamed: never seen half-written."""
+    global last_checkpoint
     state = {name: {k: v.detach().cpu() for k, v in net.state_dict().items()}
              for name, net in (("actor", actor), ("critic", critic), ("target_critic", target_critic))}
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save({"format": CHECKPOINT_FORMAT, **state, **content}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"format": CHECKPOINT_FORMAT, **state, **content}, tmp)
+        os.replace(tmp, path)
+        last_checkpoint = path
+    finally:  # interrupted mid-write: the old checkpoint stays, the partial one goes
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path: str, device: torch.device):
@@ -624,6 +722,8 @@ def load_checkpoint(path: str, device: torch.device):
         raise SMACError(f"cannot read {path} as a SMAC checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SMACError(f"{path} is not a SMAC checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    if "task" not in ckpt and ckpt.get("env") in D4RL_NAMES:  # written before Minari support: D4RL only
+        ckpt["task"] = d4rl_task(ckpt["env"])
     if missing := [k for k in CHECKPOINT_KEYS if k not in ckpt]:
         raise SMACError(f"{path} is an incomplete SMAC checkpoint: it lacks {missing}")
     try:
@@ -635,11 +735,22 @@ def load_checkpoint(path: str, device: torch.device):
             net.load_state_dict(ckpt[key])
     except (RuntimeError, KeyError, TypeError) as e:  # missing or mis-shaped weights
         raise SMACError(f"{path}: the networks do not match the recorded shapes ({str(e)[:200]})") from e
+    if not all(torch.isfinite(p).all() for net in (actor, critic, target_critic) for p in net.parameters()):
+        raise SMACError(f"{path} holds non-finite (NaN or inf) weights")
     return ckpt, actor, critic, target_critic
 
 
 # ---------------------------------------------------------------- online helpers, shared by the two fine-tuners
 HANDOVER_UPDATES = (100, 500, 1000)  # extra evaluations (score and KL to the offline policy) after the hand-over
+
+
+def warm_up_lr(optimizers: dict, update: int, warmup: int) -> None:
+    """lr_t = lr * min(1, t / warmup) at the t-th online update, for each {optimizer: lr}. Why: a fresh Adam's first
+    steps have full size whatever the gradient's size (m / sqrt(v) ~ +-1), so the small actor gradient SMAC leaves
+    at the hand-over does not by itself keep the first online steps small."""
+    for optimizer, lr in optimizers.items():
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, update / warmup) if warmup > 0 else lr
 
 
 def transfer_metrics(evals: list, train_scores: list, drop_window: int) -> dict:
@@ -661,13 +772,17 @@ class OnlineRun:
     updates, relative to its offline value)."""
 
     def __init__(self, args, device: torch.device):
-        if args.learning_starts < 1 or args.total_timesteps <= args.learning_starts:
-            raise SMACError("--learning-starts must be >= 1 and smaller than --total-timesteps")
+        check_flags(args)
+        if args.eval_freq < 1 or args.total_timesteps <= args.learning_starts:
+            raise SMACError("--eval-freq must be >= 1 and --learning-starts smaller than --total-timesteps")
         self.ckpt, self.actor, self.critic, self.target_critic = load_checkpoint(args.checkpoint, device)
         self.args, self.device, self.env_name = args, device, check_env_name(self.ckpt["env"])
-        obs_mean, obs_std = self.ckpt["obs_mean"].numpy(), self.ckpt["obs_std"].numpy()
-        self.env, self.eval_env = make_env(self.env_name, obs_mean, obs_std), make_env(self.env_name, obs_mean, obs_std)
-        run_name = f"{self.env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.task, obs_mean, obs_std = self.ckpt["task"], self.ckpt["obs_mean"].numpy(), self.ckpt["obs_std"].numpy()
+        self.env, self.eval_env = make_env(self.task, obs_mean, obs_std), make_env(self.task, obs_mean, obs_std)
+        if self.env.observation_space.shape != obs_mean.shape:
+            raise SMACError(f"{args.checkpoint}: its observation statistics have shape {obs_mean.shape}, the env "
+                            f"{self.env.spec.id} observes {self.env.observation_space.shape}")
+        run_name = f"{self.env_name.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         self.run_dir = os.path.join(args.run_dir, run_name)
         self.writer = start_logging(args, run_name, self.run_dir)
         self.buffer = ReplayBuffer(min(args.buffer_size, args.total_timesteps), len(obs_mean),
@@ -687,7 +802,7 @@ class OnlineRun:
         self.obs = next_obs
         if terminated or truncated:
             episode_return = float(info["episode"]["r"])
-            self.train_scores.append(normalized_score(self.env_name, episode_return))
+            self.train_scores.append(normalized_score(self.task, episode_return))
             self.new_returns.append(episode_return)
             self.writer.add_scalar("charts/episodic_return", episode_return, step)
             self.obs, _ = self.env.reset()
@@ -709,7 +824,7 @@ class OnlineRun:
 
     def evaluate(self, step: int, alpha: float) -> None:
         returns = evaluate(self.actor, self.eval_env, self.args.eval_episodes, self.device)
-        score = float(np.mean([normalized_score(self.env_name, r) for r in returns]))
+        score = float(np.mean([normalized_score(self.task, r) for r in returns]))
         with torch.no_grad():
             kl = gaussian_kl(*self.offline_actor(self.probe_obs), *self.actor(self.probe_obs)).mean().item()
         updates = max(0, step - self.args.learning_starts)
@@ -739,8 +854,15 @@ class OnlineRun:
         return {"run_dir": self.run_dir, **summary}
 
 
-if __name__ == "__main__":
+def main(train_fn, args_class) -> None:
+    """The command line of the three scripts: one clear line, no traceback, for bad input and for Ctrl-C."""
     try:
-        train(tyro.cli(Args))
+        train_fn(tyro.cli(args_class))
     except SMACError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"\ninterrupted; the last checkpoint is kept: {last_checkpoint or 'none was written yet'}")
+
+
+if __name__ == "__main__":
+    main(train, Args)

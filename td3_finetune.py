@@ -8,12 +8,10 @@ td3_continuous_action.py.
 """
 
 import copy
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import tyro
 
 import smac
 
@@ -54,6 +52,8 @@ class Args:
     """learning rate of the critics"""
     learning_starts: int = 1000
     """online steps collected by the offline policy before updates begin"""
+    lr_warmup: int = 0
+    """the learning rates rise linearly from 0 over this many updates after the hand-over (0: none)"""
     policy_frequency: int = 2
     """the actor and the targets are updated every this many steps (TD3's delay)"""
     exploration_noise: float = 0.1
@@ -86,13 +86,15 @@ def train(args: Args) -> dict:
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr)
 
     critic_loss = actor_loss = torch.zeros(())
-    for step in range(1, args.total_timesteps + 1):
+    for step in smac.progress(range(1, args.total_timesteps + 1), "online steps"):
         with torch.no_grad():
             action = deterministic_action(actor, torch.as_tensor(run.obs, device=device)[None])[0]
             action = (action + args.exploration_noise * torch.randn_like(action)).clamp(-1, 1).cpu().numpy()
         run.env_step(step, action)
 
         if step > args.learning_starts:
+            smac.warm_up_lr({actor_opt: args.policy_lr, critic_opt: args.q_lr}, step - args.learning_starts,
+                            args.lr_warmup)
             batch = run.buffer.sample(args.batch_size)
             with torch.no_grad():
                 # y = r + gamma (1 - d) min_i Q'_i(s', clip(mu'(s') + clip(eps, -c, c), -1, 1)),  eps ~ N(0, sigma^2)
@@ -127,7 +129,4 @@ def train(args: Args) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        train(tyro.cli(Args))
-    except smac.SMACError as e:
-        sys.exit(f"error: {e}")
+    smac.main(train, Args)

@@ -2,12 +2,16 @@
 
 import csv
 import functools
-import math
+import glob
 import http.server
+import math
 import os
+import pty
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import h5py
 import numpy as np
@@ -45,7 +49,8 @@ def write_hdf5(path, n=400, obs_dim=OBS_DIM, act_dim=ACT_DIM, seed=0, drop=None,
 
 
 def small_args(tmp_path, dataset, **kw):
-    base = dict(env="hopper-medium-v2", dataset_path=str(dataset), total_updates=30, batch_size=32, hidden_dim=32,
+    base = dict(env="hopper-medium-v2", dataset_path=dataset and str(dataset), total_updates=30, batch_size=32,
+                hidden_dim=32,
                 eval_freq=0, eval_episodes=1, run_dir=str(tmp_path / "runs"), cuda=False,
                 score_model_updates=20)
     return smac.Args(**{**base, **kw})
@@ -187,9 +192,9 @@ def test_gaussian_kl():
 # ---------------------------------------------------------------- D4RL data
 def test_names_urls_and_scores():
     assert smac.dataset_url("hopper-medium-replay-v2").endswith("gym_mujoco_v2/hopper_medium_replay-v2.hdf5")
-    assert smac.gym_id("walker2d-expert-v2") == "Walker2d-v4"
-    assert smac.normalized_score("hopper-medium-v2", 3234.3) == pytest.approx(100.0)
-    assert smac.normalized_score("halfcheetah-medium-v2", -280.178953) == pytest.approx(0.0)
+    assert smac.make_env(smac.d4rl_task("walker2d-expert-v2"), 0.0, 1.0).spec.id == "Walker2d-v4"
+    assert smac.normalized_score(smac.d4rl_task("hopper-medium-v2"), 3234.3) == pytest.approx(100.0)
+    assert smac.normalized_score(smac.d4rl_task("halfcheetah-medium-v2"), -280.178953) == pytest.approx(0.0)
     assert len(smac.D4RL_NAMES) == 15
 
 
@@ -219,53 +224,162 @@ def test_bad_dataset_files_give_one_clear_error(tmp_path, change, message):
 
 
 def test_unknown_env_lists_the_valid_names():
-    with pytest.raises(smac.SMACError, match="hopper-medium-replay-v2"):
+    with pytest.raises(smac.SMACError, match="Minari id such as mujoco/hopper/medium-v0.*hopper-medium-replay-v2"):
         smac.check_env_name("hopper-mediun-v2")
+    assert smac.check_env_name("mujoco/hopper/medium-v0") == "mujoco/hopper/medium-v0"
 
 
+# ---------------------------------------------------------------- Minari data
 @pytest.fixture
-def http_server(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving tmp_path/served."""
+def minari_dataset(tmp_path, monkeypatch):
+    """A small Minari dataset of Hopper-v4 episodes, made with minari's own tools in a temporary
+    MINARI_DATASETS_PATH, with made-up reference scores; nothing is downloaded."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    monkeypatch.setenv("MINARI_REMOTE", "hf://127.0.0.1-no-such-remote")  # a missing id must not reach a network
+    env, rng, episodes = smac.gym.make("Hopper-v4"), np.random.default_rng(0), []
+    for i in range(6):
+        obs, _ = env.reset(seed=i)
+        observations, actions, rewards, terminations, truncations = [obs], [], [], [], []
+        for t in range(60):
+            action = rng.uniform(-1, 1, 3).astype(np.float32)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            observations.append(obs), actions.append(action), rewards.append(reward)
+            terminations.append(terminated), truncations.append(truncated or (t == 59 and not terminated))
+            if terminations[-1] or truncations[-1]:
+                break
+        episodes.append(EpisodeBuffer(id=i, observations=np.array(observations), actions=np.array(actions),
+                                      rewards=np.array(rewards), terminations=np.array(terminations),
+                                      truncations=np.array(truncations)))
+    minari.create_dataset_from_buffers("mujoco/hopper/tiny-v0", episodes, env="Hopper-v4", eval_env="Hopper-v4",
+                                       ref_min_score=-100.0, ref_max_score=900.0, algorithm_name="uniform")
+    return "mujoco/hopper/tiny-v0", episodes
+
+
+def test_minari_dataset_trains_and_the_fine_tuner_needs_nothing_else(tmp_path, minari_dataset):
+    name, episodes = minari_dataset
+    data = smac.load_dataset(name, None)
+    first = episodes[0]
+    np.testing.assert_allclose(data["observations"][: len(first.actions)], first.observations[:-1], rtol=1e-6)
+    np.testing.assert_allclose(data["next_observations"][: len(first.actions)], first.observations[1:], rtol=1e-6)
+    assert len(data["rewards"]) == sum(len(e.actions) for e in episodes)
+    assert data["dones"].sum() == sum(e.terminations.sum() for e in episodes)  # truncations are not terminal
+    assert data["task"]["ref_scores"] == [-100.0, 900.0]
+    assert smac.normalized_score(data["task"], 400.0) == pytest.approx(50.0)  # the dataset's own references
+
+    result = smac.train(small_args(tmp_path, None, env=name))
+    ckpt, actor, _, _ = smac.load_checkpoint(os.path.join(result["run_dir"], "smac.pt"), torch.device("cpu"))
+    assert ckpt["env"] == name and ckpt["task"] == data["task"]
+    env = smac.make_env(ckpt["task"], ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy())
+    (episode_return,) = smac.evaluate(actor, env, 1, torch.device("cpu"))
+    assert env.spec.id == "Hopper-v4" and result["normalized_score"] == pytest.approx((episode_return + 100) / 10)
+
+    online = sac_finetune.train(online_args(sac_finetune, tmp_path, os.path.join(result["run_dir"], "smac.pt"),
+                                            eval_episodes=1))
+    assert online["step0_score"] == pytest.approx(result["normalized_score"], abs=1e-3)
+
+
+def test_minari_problems_give_one_clear_error(tmp_path, minari_dataset):
+    name, _ = minari_dataset
+    with pytest.raises(smac.SMACError, match="--dataset-path is for D4RL-format files"):
+        smac.load_dataset(name, str(tmp_path / "x.hdf5"))
+    with pytest.raises(smac.SMACError, match="cannot load the Minari dataset mujoco/hopper/absent-v0"):
+        smac.load_dataset("mujoco/hopper/absent-v0", None)
+
+
+class HalfThenClose(http.server.SimpleHTTPRequestHandler):
+    """Announces the whole file, sends half of it, and closes the connection."""
+
+    def do_GET(self):
+        body = (self.server.served / os.path.basename(self.path)).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+
+
+@pytest.fixture(params=["whole", "half"])
+def http_server(tmp_path, monkeypatch, request):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/served (or half of each file), set as $D4RL_URL, with
+    an empty cache folder that does not exist yet as $D4RL_DATASET_DIR."""
     served = tmp_path / "served"
     served.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler = (functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+               if request.param == "whole" else HalfThenClose)
     handler.log_message = lambda *a: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.served = served
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield served, f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("D4RL_URL", f"http://127.0.0.1:{server.server_port}/{{env}}_{{dataset}}-v2.hdf5")
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "cache"))
+    yield served, request.param
     server.shutdown()
 
 
-def test_download_into_cache_then_reuse(tmp_path, http_server, monkeypatch):
-    served, base = http_server
+def test_download_into_cache_then_train_on_it_or_a_clear_error_and_nothing_left(tmp_path, http_server):
+    served, mode = http_server
     write_hdf5(served / "hopper_medium-v2.hdf5")
     cache = tmp_path / "cache"
-    monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
-    monkeypatch.setattr(smac, "D4RL_URL", base + "/{}_{}-v2.hdf5")
-    data = smac.load_dataset("hopper-medium-v2", None)
+    args = small_args(tmp_path, None)
+    if mode == "half":  # the server closes the connection half-way
+        with pytest.raises(smac.SMACError, match=r"closed after \d+ of \d+ bytes; nothing was kept.*--dataset-path"):
+            smac.train(args)
+        assert not cache.exists() and not (tmp_path / "runs").exists()  # no partial file, no empty cache folder
+        return
+    result = smac.train(args)  # smac.py downloads the file into the cache and trains on it
     assert os.listdir(cache) == ["hopper_medium-v2.hdf5"]
     assert (cache / "hopper_medium-v2.hdf5").read_bytes() == (served / "hopper_medium-v2.hdf5").read_bytes()
     (served / "hopper_medium-v2.hdf5").unlink()  # the cache is used from now on
-    again = smac.load_dataset("hopper-medium-v2", None)
-    np.testing.assert_array_equal(again["actions"], data["actions"])
+    assert smac.train(args)["normalized_score"] == pytest.approx(result["normalized_score"])
 
 
-def test_download_404_gives_clear_error_and_leaves_no_partial_file(tmp_path, http_server, monkeypatch):
-    _, base = http_server
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("D4RL_DATASET_DIR", str(cache))
-    monkeypatch.setattr(smac, "D4RL_URL", base + "/{}_{}-v2.hdf5")
+@pytest.mark.parametrize("http_server", ["whole"], indirect=True)
+def test_download_404_gives_clear_error_and_leaves_no_partial_file(tmp_path, http_server):
     with pytest.raises(smac.SMACError, match=r"404.*--dataset-path|--dataset-path.*404") as err:
         smac.load_dataset("hopper-medium-v2", None)
-    assert "hopper_medium-v2.hdf5" in str(err.value)
-    assert os.listdir(cache) == []
+    assert "hopper_medium-v2.hdf5" in str(err.value) and not (tmp_path / "cache").exists()
 
 
 def test_no_network_names_the_url_and_dataset_path(tmp_path, monkeypatch):
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(smac, "D4RL_URL", "http://127.0.0.1:9/{}_{}-v2.hdf5")  # port 9: nothing listens
+    monkeypatch.setenv("D4RL_URL", "http://127.0.0.1:9/{env}_{dataset}-v2.hdf5")  # port 9: nothing listens
     with pytest.raises(smac.SMACError, match="127.0.0.1:9/hopper_medium-v2.hdf5.*--dataset-path"):
         smac.load_dataset("hopper-medium-v2", None)
+
+
+def test_empty_dataset_and_actions_outside_the_action_space(tmp_path):
+    with pytest.raises(smac.SMACError, match="holds no transitions"):
+        smac.load_dataset("hopper-medium-v2", str(write_hdf5(tmp_path / "empty.hdf5", n=0)))
+    actions = np.zeros((400, ACT_DIM), np.float32)
+    actions[:4] = 1.5
+    with pytest.warns(UserWarning, match=r"1.00% of the action entries lie outside .*up to 1.5.*clipped"):
+        data = smac.load_dataset("hopper-medium-v2", str(write_hdf5(tmp_path / "wide.hdf5", actions=actions)))
+    buffer = smac.dataset_buffer(data, np.zeros(OBS_DIM), np.ones(OBS_DIM), torch.device("cpu"))
+    assert buffer.data["actions"].abs().max() == 1.0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(total_updates=0), "--total-updates must be >= 1, got 0"), (dict(total_updates=-5), "--total-updates"),
+    (dict(batch_size=0), "--batch-size must be >= 1"), (dict(batch_size=-3), "--batch-size"),
+    (dict(policy_lr=float("nan")), "--policy-lr must be a finite number > 0, got nan"),
+    (dict(eval_episodes=0), "--eval-episodes must be >= 1"), (dict(hidden_dim=0), "--hidden-dim must be >= 1"),
+    (dict(gamma=2.0), "--gamma must be in \\[0, 1\\], got 2.0"), (dict(score_batch_size=0), "--score-batch-size"),
+    (dict(score_coef=-1.0), "--score-coef must be a finite number >= 0"), (dict(eval_freq=-1), "--eval-freq"),
+])
+def test_bad_offline_flags_give_one_clear_error_and_write_nothing(tmp_path, flags, message):
+    with pytest.raises(smac.SMACError, match=message):
+        smac.train(small_args(tmp_path, write_hdf5(tmp_path / "d.hdf5"), **flags))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_dir_that_is_a_file(tmp_path):
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(smac.SMACError, match="is a file, not a folder"):
+        smac.train(small_args(tmp_path, write_hdf5(tmp_path / "d.hdf5")))
 
 
 # ---------------------------------------------------------------- the offline loop, end to end
@@ -312,7 +426,7 @@ def test_command_line_error_is_one_line_without_traceback():
     out = subprocess.run([sys.executable, "smac.py", "--env", "hopper-mediun-v2"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode != 0
-    assert "error: unknown env 'hopper-mediun-v2'" in out.stderr and "Traceback" not in out.stderr
+    assert "error: unknown dataset 'hopper-mediun-v2'" in out.stderr and "Traceback" not in out.stderr
 
 
 # ---------------------------------------------------------------- online fine-tuning
@@ -361,10 +475,11 @@ def test_finetuner_opens_with_the_offline_score_and_writes_metrics_and_final_che
 def test_drop_and_regret_definitions():
     evals = [(0, 50.0), (50, 45.0), (100, 30.0), (150, 10.0), (1000, 60.0)]  # (updates, score); 10.0 after 150 updates
     expert = 3234.3
-    train_scores = [smac.normalized_score("hopper-medium-v2", r) for r in (expert, expert / 2)]
+    task = smac.d4rl_task("hopper-medium-v2")
+    train_scores = [smac.normalized_score(task, r) for r in (expert, expert / 2)]
     summary = smac.transfer_metrics(evals, train_scores, drop_window=100)
     assert summary["drop"] == pytest.approx(20.0) and summary["final_score"] == 60.0
-    half = smac.normalized_score("hopper-medium-v2", expert / 2)
+    half = smac.normalized_score(task, expert / 2)
     assert summary["regret"] == pytest.approx((0.0 + (1 - half / 100)) / 2)
 
 
@@ -424,3 +539,89 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path, module, make_bad, messag
     make_bad(path)
     with pytest.raises(smac.SMACError, match=message):
         module.train(online_args(module, tmp_path, str(path)))
+
+
+@pytest.mark.parametrize("module", [sac_finetune, td3_finetune])
+@pytest.mark.parametrize("flags, message", [
+    (dict(total_timesteps=-5), "--total-timesteps must be >= 1"),
+    (dict(total_timesteps=0), "--total-timesteps must be >= 1"),
+    (dict(total_timesteps=100), "--learning-starts smaller than --total-timesteps"),
+    (dict(eval_freq=0), "--eval-freq must be >= 1"), (dict(batch_size=0), "--batch-size must be >= 1"),
+    (dict(learning_starts=-5), "--learning-starts must be >= 1"), (dict(q_lr=float("inf")), "--q-lr"),
+])
+def test_bad_online_flags_give_one_clear_error_and_write_nothing(tmp_path, offline_checkpoint, module, flags, message):
+    with pytest.raises(smac.SMACError, match=message):
+        module.train(online_args(module, tmp_path, offline_checkpoint[0], **flags))
+    assert not (tmp_path / "online").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: {"critic": {**c["critic"], "qs.0.0.weight": c["critic"]["qs.0.0.weight"] * float("nan")}},
+     "non-finite"),
+    (lambda c: {"obs_mean": torch.zeros(5), "obs_std": torch.ones(5)}, "do not match|observation statistics"),
+])
+def test_checkpoints_with_bad_contents_give_one_clear_error(tmp_path, offline_checkpoint, change, message):
+    ckpt = torch.load(offline_checkpoint[0], weights_only=True)
+    torch.save({**ckpt, **change(ckpt)}, tmp_path / "bad.pt")
+    with pytest.raises(smac.SMACError, match=message):
+        sac_finetune.train(online_args(sac_finetune, tmp_path, str(tmp_path / "bad.pt")))
+
+
+def run_script(args, tmp_path, stop_when_exists=None, tty=False):
+    """Runs a script as a user would; with stop_when_exists, sends Ctrl-C (SIGINT) once that file appears."""
+    master, slave = pty.openpty() if tty else (None, None)
+    proc = subprocess.Popen([sys.executable, *args], cwd=os.path.dirname(os.path.abspath(__file__)),
+                            stdout=slave if tty else subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},  # a background shell ignores SIGINT:
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # undo that
+    if stop_when_exists:
+        deadline = time.time() + 120
+        while not glob.glob(stop_when_exists) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+    if tty:
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        stdout, stderr = b"".join(chunks).decode(errors="replace"), proc.stderr.read().decode()
+        proc.wait()
+        return proc.returncode, stdout, stderr
+    stdout, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stdout.decode(), stderr.decode()
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_says_where_in_one_line(tmp_path):
+    dataset = write_hdf5(tmp_path / "d.hdf5", n=600)
+    offline = ["smac.py", "--env", "hopper-medium-v2", "--dataset-path", str(dataset), "--total-updates", "100000",
+               "--eval-freq", "20", "--eval-episodes", "1", "--hidden-dim", "32", "--batch-size", "32",
+               "--score-model-updates", "10", "--run-dir", str(tmp_path / "runs"), "--no-cuda"]
+    code, _, stderr = run_script(offline, tmp_path, stop_when_exists=str(tmp_path / "runs" / "*" / "smac.pt"))
+    (path,) = glob.glob(str(tmp_path / "runs" / "*" / "smac.pt"))
+    assert code != 0 and "Traceback" not in stderr and f"interrupted; the last checkpoint is kept: {path}" in stderr
+    smac.load_checkpoint(path, torch.device("cpu"))
+    online = ["sac_finetune.py", "--checkpoint", path, "--total-timesteps", "100000", "--eval-freq", "50",
+              "--learning-starts", "20", "--eval-episodes", "1", "--batch-size", "32", "--run-dir",
+              str(tmp_path / "online"), "--no-cuda"]
+    code, _, stderr = run_script(online, tmp_path, stop_when_exists=str(tmp_path / "online" / "*" / "final.pt"))
+    (final,) = glob.glob(str(tmp_path / "online" / "*" / "final.pt"))
+    assert code != 0 and "Traceback" not in stderr and f"the last checkpoint is kept: {final}" in stderr
+    smac.load_checkpoint(final, torch.device("cpu"))  # a fine-tune can be evaluated (or resumed) after Ctrl-C
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_progress_bar_on_a_terminal_only(tmp_path, tty):
+    command = ["smac.py", "--env", "hopper-medium-v2", "--dataset-path", str(write_hdf5(tmp_path / "d.hdf5")),
+               "--total-updates", "30", "--eval-episodes", "1", "--hidden-dim", "32", "--batch-size", "32",
+               "--score-model-updates", "10", "--run-dir", str(tmp_path / "runs"), "--no-cuda"]
+    code, stdout, stderr = run_script(command, tmp_path, tty=tty)
+    assert code == 0, stderr
+    bar = "offline updates: 100%" in stderr and "it/s" in stderr  # tqdm draws on stderr, when stdout is a terminal
+    assert bar == tty and ("\r" in stdout + stderr) == tty
+

@@ -1,17 +1,28 @@
-"""Speed benchmark: offline updates per second of smac.py with and without the regularizer, and online steps per
-second of sac_finetune.py. Configurations are interleaved over repeats and medians reported, since this machine is
-noisy. Evaluation time is excluded from the offline figures.
+"""Speed benchmark: offline updates per second of smac.py with and without the regularizer, of CORL's td3_bc.py on the
+same data (optional), and online steps per second of sac_finetune.py. Configurations are interleaved over repeats
+and medians reported, since this machine is noisy. Evaluation time is excluded from the offline figures.
 
-    python tools/benchmark.py --dataset-path ../shared/datasets/hopper_medium-local.hdf5
+    python tools/benchmark.py --dataset-path ../shared/datasets/hopper_medium-local.hdf5 \
+        [--corl-td3-bc path/to/CORL/algorithms/offline/td3_bc.py]
+
+CORL's file is run as it is: its ReplayBuffer and TD3_BC trainer, built as its train() builds them, on this dataset
+(read with smac.load_dataset, normalized as CORL does); its d4rl, gym, pyrallis and wandb imports, used only outside
+the timed loop, are replaced by empty modules (wandb.log by a no-op).
 """
 
+import importlib.util
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
+import torch
 import tyro
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -31,27 +42,96 @@ class Args:
     """measurements per configuration, interleaved"""
     online_steps: int = 3000
     """online SAC steps to time (0 skips the online benchmark)"""
+    corl_td3_bc: Optional[str] = None
+    """path of CORL's algorithms/offline/td3_bc.py, to time its updates on the same data"""
+    memory_transitions: int = 1_000_000
+    """peak memory of smac.py on a generated dataset of this many transitions (D4RL medium-expert: ~2M for hopper,
+    2M for halfcheetah; 0 skips)"""
+
+
+def peak_memory_mb(transitions: int, folder: str) -> float:
+    """Peak resident memory of a short smac.py run (CPU, SMAC defaults, 200 updates) on a generated D4RL-format
+    file of `transitions` hopper transitions, measured in a fresh process."""
+    import h5py
+
+    path, rng = os.path.join(folder, "generated.hdf5"), np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        obs = rng.standard_normal((transitions + 1, 11), dtype=np.float32)
+        f["observations"], f["next_observations"] = obs[:-1], obs[1:]
+        f["actions"] = rng.uniform(-1, 1, (transitions, 3)).astype(np.float32)
+        f["rewards"] = rng.standard_normal(transitions, dtype=np.float32)
+        f["terminals"] = np.zeros(transitions, bool)
+        f["timeouts"] = (np.arange(transitions) % 1000) == 999
+    del obs
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "smac.py")
+    subprocess.run([sys.executable, script, "--env", "hopper-medium-expert-v2", "--dataset-path", path,
+                    "--total-updates", "200", "--score-model-updates", "200", "--eval-episodes", "1", "--no-cuda",
+                    "--run-dir", folder], check=True, stdout=subprocess.DEVNULL)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux reports KiB
+
+
+def corl_td3_bc_sps(path: str, args: Args) -> float:
+    """Updates per second of CORL's TD3+BC (its own classes and update), as its train() loop runs them."""
+    for name in ("d4rl", "gym", "pyrallis", "wandb"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["wandb"].log = lambda *a, **k: None
+    sys.modules["gym"].Env = object  # used in a type hint only
+    sys.modules["pyrallis"].wrap = lambda *a, **k: (lambda f: f)
+    spec = importlib.util.spec_from_file_location("corl_td3_bc", path)
+    corl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corl)
+    data = smac.load_dataset(args.env, args.dataset_path)
+    mean, std = corl.compute_mean_std(data["observations"], eps=1e-3)
+    dataset = {"observations": corl.normalize_states(data["observations"], mean, std), "actions": data["actions"],
+               "rewards": data["rewards"], "terminals": data["dones"],
+               "next_observations": corl.normalize_states(data["next_observations"], mean, std)}
+    obs_dim, act_dim = dataset["observations"].shape[1], dataset["actions"].shape[1]
+    buffer = corl.ReplayBuffer(obs_dim, act_dim, len(dataset["rewards"]), "cpu")
+    buffer.load_d4rl_dataset(dataset)
+    config = corl.TrainConfig(device="cpu")
+    actor, critic_1, critic_2 = corl.Actor(obs_dim, act_dim, 1.0), corl.Critic(obs_dim, act_dim), corl.Critic(obs_dim,
+                                                                                                              act_dim)
+    trainer = corl.TD3_BC(max_action=1.0, actor=actor, actor_optimizer=torch.optim.Adam(actor.parameters(), lr=3e-4),
+                          critic_1=critic_1, critic_1_optimizer=torch.optim.Adam(critic_1.parameters(), lr=3e-4),
+                          critic_2=critic_2, critic_2_optimizer=torch.optim.Adam(critic_2.parameters(), lr=3e-4),
+                          discount=config.discount, tau=config.tau, device="cpu", policy_noise=config.policy_noise,
+                          noise_clip=config.noise_clip, policy_freq=config.policy_freq, alpha=config.alpha)
+    start = time.time()
+    for _ in range(args.updates):  # the body of CORL's training loop, evaluation aside
+        batch = [b.to("cpu") for b in buffer.sample(config.batch_size)]
+        sys.modules["wandb"].log(trainer.train(batch), step=trainer.total_it)
+    return args.updates / (time.time() - start)
 
 
 CONFIGS = {  # the diffusion model's own training (--score-model-updates) is timed apart by smac.py's log
     "score-coef 0 (baseline)": dict(score_coef=0.0),
     "SMAC (defaults)": dict(),
+    "SMAC, --score-batch-size 64": dict(score_batch_size=64),
+    "SMAC, --score-batch-size 32": dict(score_batch_size=32),
 }
 
 
 def main(args: Args) -> None:
     out = tempfile.mkdtemp(prefix="smac_bench_")
+    if args.memory_transitions:
+        print(f"peak memory of smac.py with {args.memory_transitions} transitions (CPU, 200 updates): "
+              f"{peak_memory_mb(args.memory_transitions, out):.0f} MB", flush=True)
     common = dict(env=args.env, dataset_path=args.dataset_path, total_updates=args.updates, eval_freq=0,
-                  score_model_updates=10,
-                  eval_episodes=1, run_dir=out, cuda=False)
+                  score_model_updates=10, eval_episodes=1, run_dir=out, cuda=False)
     sps = {name: [] for name in CONFIGS}
+    if args.corl_td3_bc:
+        sps["CORL td3_bc.py"] = []
     for _ in range(args.repeats):
         for name, extra in CONFIGS.items():
             sps[name].append(smac.train(smac.Args(**common, **extra))["sps"])
-    base = np.median(sps["score-coef 0 (baseline)"])
-    print("\n| offline configuration | updates/s (median) | all | update time vs baseline |\n|---|---|---|---|")
+        if args.corl_td3_bc:
+            sps["CORL td3_bc.py"].append(round(corl_td3_bc_sps(args.corl_td3_bc, args)))
+    base, corl = np.median(sps["score-coef 0 (baseline)"]), np.median(sps.get("CORL td3_bc.py", [np.nan]))
+    print("\n| offline configuration | updates/s (median) | all | update time vs --score-coef 0 | speed vs CORL "
+          "td3_bc |\n|---|---|---|---|---|")
     for name, values in sps.items():
-        print(f"| {name} | {np.median(values):.0f} | {values} | {base / np.median(values):.2f}x |")
+        print(f"| {name} | {np.median(values):.0f} | {values} | {base / np.median(values):.2f}x | "
+              f"{np.median(values) / corl:.2f}x |")
     if args.online_steps:  # wall time of the whole online run, updates from the first step, two 1-episode evals
         ckpt = smac.train(smac.Args(**{**common, "total_updates": 200}))["run_dir"]
         start = time.time()

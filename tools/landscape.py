@@ -73,12 +73,12 @@ def interpolate(actor_0: smac.Actor, actor_1: smac.Actor, t: float, into: smac.A
 def path_scores(offline_path: str, finetuned_path: str, ts, episodes: int, device) -> List[tuple]:
     """[(t, mean, std of the normalized return)] along the line between the two actors."""
     ckpt, actor_0, actor_1 = load_pair(offline_path, finetuned_path, device)
-    env = smac.make_env(ckpt["env"], ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy())
+    env = smac.make_env(ckpt["task"], ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy())
     actor = copy.deepcopy(actor_0)
     rows = []
     for t in ts:
         returns = smac.evaluate(interpolate(actor_0, actor_1, float(t), actor), env, episodes, device)
-        scores = [smac.normalized_score(ckpt["env"], r) for r in returns]
+        scores = [smac.normalized_score(ckpt["task"], r) for r in returns]
         rows.append((float(t), float(np.mean(scores)), float(np.std(scores))))
         print(f"t={t:+.2f} normalized_score={np.mean(scores):.1f} ± {np.std(scores):.1f}", flush=True)
     env.close()

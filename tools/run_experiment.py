@@ -88,7 +88,7 @@ def parse_task(task: str):
     smac.check_env_name(env)
     if path and not os.path.isfile(path):
         raise smac.SMACError(f"dataset file {path} (task {task!r}) does not exist")
-    label = os.path.splitext(os.path.basename(path))[0] if path else env
+    label = os.path.splitext(os.path.basename(path))[0] if path else env.replace("/", "_")
     return env, (os.path.abspath(path) if path else None), label
 
 

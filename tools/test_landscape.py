@@ -43,9 +43,9 @@ def test_ends_of_the_path_reproduce_each_checkpoints_evaluation(tmp_path, run_pa
     device = torch.device("cpu")
     for path, row in ((offline_path, start), (finetuned_path, end)):
         ckpt, actor, _, _ = smac.load_checkpoint(path, device)
-        env = smac.make_env(ckpt["env"], ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy())
+        env = smac.make_env(ckpt["task"], ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy())
         returns = smac.evaluate(actor, env, 2, device)
-        expected = sum(smac.normalized_score(ckpt["env"], r) for r in returns) / 2
+        expected = sum(smac.normalized_score(ckpt["task"], r) for r in returns) / 2
         assert float(row["normalized_score_mean"]) == pytest.approx(expected, abs=1e-3)
     # and the offline end is the score smac.py itself recorded
     with open(os.path.join(os.path.dirname(offline_path), "metrics.csv")) as f:

@@ -77,7 +77,7 @@ def test_tiny_sweep_writes_summary_and_plots_resumes_and_reproduces(tmp_path, ca
 def test_bad_task_gives_one_clear_error(tmp_path):
     with pytest.raises(run_experiment.smac.SMACError, match="does not exist"):
         run_experiment.main(tiny_args(tmp_path, tmp_path / "missing.hdf5"))
-    with pytest.raises(run_experiment.smac.SMACError, match="unknown env"):
+    with pytest.raises(run_experiment.smac.SMACError, match="unknown dataset"):
         run_experiment.main(tiny_args(tmp_path, "x", tasks=["hopper-mediun-v2"]))
 
 
