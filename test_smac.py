@@ -472,6 +472,22 @@ def test_finetuner_opens_with_the_offline_score_and_writes_metrics_and_final_che
     assert ckpt["env"] == "hopper-medium-v2" and ckpt["online_args"]["total_timesteps"] == 300
 
 
+def test_lr_warmup_ramps_the_learning_rates_and_slows_the_first_online_moves(tmp_path, offline_checkpoint):
+    net = nn.Linear(2, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=1.0)
+    lrs = []
+    for update in (1, 50, 100, 500):
+        smac.warm_up_lr({opt: 3e-4}, update, warmup=100)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx([3e-6, 1.5e-4, 3e-4, 3e-4])
+    smac.warm_up_lr({opt: 3e-4}, 1, warmup=0)
+    assert opt.param_groups[0]["lr"] == 3e-4  # 0: no warm-up
+    for module in (sac_finetune, td3_finetune):  # same seed, same data: only the step sizes differ
+        plain = module.train(online_args(module, tmp_path, offline_checkpoint[0]))
+        ramped = module.train(online_args(module, tmp_path, offline_checkpoint[0], lr_warmup=10_000))
+        assert 0 < ramped["kl_100"] < plain["kl_100"] / 10
+
+
 def test_drop_and_regret_definitions():
     evals = [(0, 50.0), (50, 45.0), (100, 30.0), (150, 10.0), (1000, 60.0)]  # (updates, score); 10.0 after 150 updates
     expert = 3234.3
