@@ -1,0 +1,75 @@
+"""Side by side: the transfer metrics of several sweeps (summary.csv files of tools/run_experiment.py), mean ± std
+over seeds per dataset x fine-tuner x method, one row per sweep, and the per-fine-tuner targets of issue 12 (SMAC's
+mean drop, and its regret relative to the baseline's, over all datasets).
+
+    python tools/compare_sweeps.py results/hopper-smac-15k/summary.csv results/hopper-smac-15k-warmup/summary.csv \
+        --labels plain lr-warmup
+"""
+
+import csv
+import os
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import List
+
+import numpy as np
+import tyro
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import smac  # noqa: E402
+
+
+@dataclass
+class Args:
+    summaries: tyro.conf.Positional[List[str]]
+    """summary.csv files to compare"""
+    labels: List[str] = field(default_factory=list)
+    """one label per file (default: the folder names)"""
+    metrics: List[str] = field(default_factory=lambda: ["offline_score", "drop", "lowest_early_score", "regret",
+                                                         "final_score", "kl_100", "kl_500"])
+    """columns to show"""
+
+
+def read(path: str) -> list:
+    if not os.path.isfile(path):
+        raise smac.SMACError(f"{path} does not exist")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def table(args: Args) -> str:
+    labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.summaries]
+    if len(labels) != len(args.summaries):
+        raise smac.SMACError(f"{len(args.summaries)} files but {len(labels)} labels")
+    groups = defaultdict(list)  # (dataset, finetuner, method, label) -> rows
+    for label, path in zip(labels, args.summaries):
+        for row in read(path):
+            groups[(row["dataset"], row["finetuner"], row["method"], label)].append(row)
+    lines = ["| dataset | fine-tuner | method | sweep | seeds | " + " | ".join(args.metrics) + " |",
+             "|---" * (5 + len(args.metrics)) + "|"]
+    for (dataset, tuner, method, label), rows in sorted(groups.items(), key=lambda kv: (*kv[0][:3],
+                                                                                          labels.index(kv[0][3]))):
+        cells = []
+        for metric in args.metrics:
+            values = np.array([float(r.get(metric) or "nan") for r in rows])  # older sweeps lack some columns
+            cells.append(f"{values.mean():.3g} ± {values.std():.2g}" if np.isfinite(values).all() else "-")
+        lines.append(f"| {dataset} | {tuner} | {method} | {label} | {len(rows)} | " + " | ".join(cells) + " |")
+    lines += ["", "| sweep | fine-tuner | SMAC mean drop | baseline mean drop | SMAC regret | baseline regret | "
+              "regret below the baseline's |", "|---|---|---|---|---|---|---|"]
+    for label in labels:
+        for tuner in sorted({k[1] for k in groups}):
+            mean = {method: {m: np.mean([float(r[m]) for k, rows in groups.items() for r in rows
+                                         if k[1] == tuner and k[2] == method and k[3] == label]) for m in
+                             ("drop", "regret")} for method in ("smac", "baseline")}
+            lines.append(f"| {label} | {tuner} | {mean['smac']['drop']:.2f} | {mean['baseline']['drop']:.2f} | "
+                         f"{mean['smac']['regret']:.3f} | {mean['baseline']['regret']:.3f} | "
+                         f"{100 * (1 - mean['smac']['regret'] / mean['baseline']['regret']):.1f}% |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    try:
+        print(table(tyro.cli(Args)))
+    except smac.SMACError as e:
+        sys.exit(f"error: {e}")

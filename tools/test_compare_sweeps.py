@@ -1,0 +1,44 @@
+"""Tests for tools/compare_sweeps.py on two hand-written summaries."""
+
+import csv
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compare_sweeps  # noqa: E402
+
+
+def write_summary(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, ["dataset", "finetuner", "method", "seed", "drop", "regret"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def row(method, seed, drop, regret, finetuner="sac"):
+    return dict(dataset="d", finetuner=finetuner, method=method, seed=seed, drop=drop, regret=regret)
+
+
+def test_means_per_group_and_the_targets(tmp_path):
+    a = write_summary(tmp_path / "a" / "summary.csv", [row("smac", 1, 2.0, 0.5), row("smac", 2, 4.0, 0.7),
+                                                       row("baseline", 1, 10.0, 0.8), row("baseline", 2, 10.0, 0.8)])
+    b = write_summary(tmp_path / "b" / "summary.csv", [row("smac", 1, 0.0, 0.4), row("baseline", 1, 1.0, 0.8)])
+    out = compare_sweeps.table(compare_sweeps.Args([a, b], metrics=["drop", "regret"]))
+    assert "| d | sac | smac | a | 2 | 3 ± 1 | 0.6 ± 0.1 |" in out  # mean ± population std over seeds
+    assert "| a | sac | 3.00 | 10.00 | 0.600 | 0.800 | 25.0% |" in out  # 1 - 0.6 / 0.8
+    assert "| b | sac | 0.00 | 1.00 | 0.400 | 0.800 | 50.0% |" in out
+    assert out.index("| d | sac | smac | a |") < out.index("| d | sac | smac | b |")  # sweeps in the order given
+
+
+def test_a_missing_column_shows_a_dash_and_bad_input_one_error(tmp_path):
+    a = write_summary(tmp_path / "a" / "summary.csv", [row("smac", 1, 2.0, 0.5), row("baseline", 1, 3.0, 0.6)])
+    out = compare_sweeps.table(compare_sweeps.Args([a], metrics=["drop", "kl_100"]))
+    assert "| d | sac | smac | a | 1 | 2 ± 0 | - |" in out
+    with pytest.raises(compare_sweeps.smac.SMACError, match="does not exist"):
+        compare_sweeps.table(compare_sweeps.Args([str(tmp_path / "nope.csv")]))
+    with pytest.raises(compare_sweeps.smac.SMACError, match="1 files but 2 labels"):
+        compare_sweeps.table(compare_sweeps.Args([a], labels=["x", "y"]))
