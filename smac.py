@@ -283,7 +283,7 @@ def train(args: Args) -> dict:
     log = OfflineLog(args, run_name, run_dir, obs_mean, obs_std, buffer, data["task"])
     print(f"{run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, {device}, w_query {w_query:.3f}")
 
-    # phase 1: the diffusion model of the dataset's actions, pi^D(a|s, w)
+    # ALGO LOGIC, phase 1: the diffusion model of the dataset's actions, pi^D(a|s, w)
     for update in progress(range(1, (args.score_model_updates if args.score_coef > 0 else 0) + 1), "score model"):
         batch = buffer.sample(args.batch_size)
         diffusion_loss = score_model.loss(batch["observations"], batch["actions"], batch["w"])
@@ -293,7 +293,7 @@ def train(args: Args) -> dict:
         log.losses("score_model", update, diffusion_loss=diffusion_loss)
     score_model.requires_grad_(False)
 
-    # phase 2: the actor-critic
+    # ALGO LOGIC, phase 2: the actor-critic
     log.start_time = time.time()
     for update in progress(range(1, args.total_updates + 1), "offline updates"):
         batch = buffer.sample(args.batch_size)
@@ -360,7 +360,7 @@ def diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, 
 
 
 # ======================================================================================================================
-# Plumbing below: checks, D4RL data without the d4rl package, evaluation, replay, logs, checkpoints, online helpers.
+# TRY NOT TO MODIFY: the plumbing. Checks, D4RL and Minari data, evaluation, replay, logs, checkpoints, online helpers.
 # ======================================================================================================================
 
 # D4RL's v2 data came from the v3 MuJoCo envs; gymnasium's v4 envs have the same model (v5 changed it), so v4 it is.

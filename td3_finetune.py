@@ -92,6 +92,7 @@ def train(args: Args) -> dict:
             action = (action + args.exploration_noise * torch.randn_like(action)).clamp(-1, 1).cpu().numpy()
         run.env_step(step, action)
 
+        # ALGO LOGIC: training
         if step > args.learning_starts:
             smac.warm_up_lr({actor_opt: args.policy_lr, critic_opt: args.q_lr}, step - args.learning_starts,
                             args.lr_warmup)
