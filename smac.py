@@ -18,6 +18,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -444,7 +445,8 @@ def download(url: str, path: str) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
-            with progress(None, f"downloading {os.path.basename(path)}", total=total, unit="B", unit_scale=True) as bar:
+            name = f"downloading {os.path.basename(path)}"
+            with progress_bar(None, name, total=total, unit="B", unit_scale=True) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     done += len(chunk)
@@ -547,9 +549,18 @@ def load_dataset(name: str, path: Optional[str]) -> dict:
     return data
 
 
-def progress(iterable, desc: str, **kw) -> tqdm:
+def progress_bar(iterable, desc: str, **kw) -> tqdm:
     """A progress bar with rate and ETA on a terminal; silent when stdout is not one (CI, log files)."""
     return tqdm(iterable, desc=desc, disable=not sys.stdout.isatty(), dynamic_ncols=True, **kw)
+
+
+def progress(iterable, desc: str):
+    """The training loops' iterator: a progress bar, and a stop at the next step after a Ctrl-C whose
+    KeyboardInterrupt was swallowed (Python only prints an exception raised inside a __del__ or a C callback)."""
+    for item in progress_bar(iterable, desc):
+        if ctrl_c_pressed:
+            raise KeyboardInterrupt
+        yield item
 
 
 def make_env(task: dict, obs_mean: np.ndarray, obs_std: np.ndarray) -> gym.Env:
@@ -816,7 +827,7 @@ class OnlineRun:
         if step % LOG_FREQ == 0:
             sps = int(step / (time.time() - self.start_time))
             for name, value in {**losses, "alpha": alpha, "SPS": sps}.items():
-                self.writer.add_scalar(f"charts/{name}", float(value), step)
+                self.writer.add_scalar(f"charts/{name}", float(torch.as_tensor(value).detach()), step)
             print(f"step={step} SPS={sps}", flush=True)
         handover = step - self.args.learning_starts in HANDOVER_UPDATES
         if step % self.args.eval_freq == 0 or step == self.args.total_timesteps or handover:
@@ -854,8 +865,18 @@ class OnlineRun:
         return {"run_dir": self.run_dir, **summary}
 
 
+ctrl_c_pressed = False
+
+
+def on_ctrl_c(signum, frame) -> None:
+    global ctrl_c_pressed
+    ctrl_c_pressed = True
+    raise KeyboardInterrupt
+
+
 def main(train_fn, args_class) -> None:
     """The command line of the three scripts: one clear line, no traceback, for bad input and for Ctrl-C."""
+    signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         train_fn(tyro.cli(args_class))
     except SMACError as e:

@@ -641,3 +641,17 @@ def test_progress_bar_on_a_terminal_only(tmp_path, tty):
     bar = "offline updates: 100%" in stderr and "it/s" in stderr  # tqdm draws on stderr, when stdout is a terminal
     assert bar == tty and ("\r" in stdout + stderr) == tty
 
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_training_loop_at_its_next_step(monkeypatch):
+    monkeypatch.setattr(smac, "ctrl_c_pressed", False)
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        for step in smac.progress(range(10), "updates"):
+            steps.append(step)
+            if step == 2:
+                try:
+                    smac.on_ctrl_c(signal.SIGINT, None)
+                except KeyboardInterrupt:
+                    pass  # as Python does with an exception raised inside a __del__
+    assert steps == [0, 1, 2]
