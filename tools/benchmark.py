@@ -44,6 +44,9 @@ class Args:
     """online SAC steps to time (0 skips the online benchmark)"""
     corl_td3_bc: Optional[str] = None
     """path of CORL's algorithms/offline/td3_bc.py, to time its updates on the same data"""
+    cleanrl_sac: Optional[str] = None
+    """path of CleanRL's cleanrl/sac_continuous_action.py (cleanrl_utils/buffers.py beside it), to time its online
+    steps against sac_finetune.py's, both updating from the first step"""
     memory_transitions: int = 1_000_000
     """peak memory of smac.py on a generated dataset of this many transitions (D4RL medium-expert: ~2M for hopper,
     2M for halfcheetah; 0 skips)"""
@@ -134,12 +137,30 @@ def main(args: Args) -> None:
               f"{np.median(values) / corl:.2f}x |")
     if args.online_steps:  # wall time of the whole online run, updates from the first step, two 1-episode evals
         ckpt = smac.train(smac.Args(**{**common, "total_updates": 200}))["run_dir"]
-        start = time.time()
-        online = sac_finetune.Args(checkpoint=os.path.join(ckpt, "smac.pt"), total_timesteps=args.online_steps,
-                                   learning_starts=1, eval_freq=10**9, eval_episodes=1, run_dir=out, cuda=False)
-        sac_finetune.train(online)
-        print(f"\nonline SAC fine-tuning (sac_finetune.py, batch 256, 256x256, policy delay 2): "
-              f"{args.online_steps / (time.time() - start):.0f} env steps/s")
+        online_sps = {"sac_finetune.py": [], **({"CleanRL sac_continuous_action.py": []} if args.cleanrl_sac else {})}
+        for _ in range(args.repeats):
+            start = time.time()
+            sac_finetune.train(sac_finetune.Args(checkpoint=os.path.join(ckpt, "smac.pt"), learning_starts=1,
+                                                 total_timesteps=args.online_steps, eval_freq=10**9, eval_episodes=1,
+                                                 run_dir=out, cuda=False))
+            online_sps["sac_finetune.py"].append(round(args.online_steps / (time.time() - start)))
+            if args.cleanrl_sac:
+                online_sps["CleanRL sac_continuous_action.py"].append(cleanrl_sac_sps(args.cleanrl_sac, args, out))
+        cleanrl = np.median(online_sps.get("CleanRL sac_continuous_action.py", [np.nan]))
+        print("\n| online SAC (Hopper-v4, batch 256, 256x256, policy delay 2) | env steps/s (median) | all | "
+              "speed vs CleanRL |\n|---|---|---|---|")
+        for name, values in online_sps.items():
+            print(f"| {name} | {np.median(values):.0f} | {values} | {np.median(values) / cleanrl:.2f}x |")
+
+
+def cleanrl_sac_sps(path: str, args: Args, out: str) -> float:
+    """Env steps per second of CleanRL's SAC script run as it is, learning from its second step: its own SPS line,
+    (steps so far) / (time so far), printed every 100 steps."""
+    command = [sys.executable, os.path.abspath(path), "--env-id", "Hopper-v4", "--learning-starts", "1",
+               "--total-timesteps", str(args.online_steps), "--no-cuda"]
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(path)))}
+    text = subprocess.run(command, cwd=out, env=env, check=True, capture_output=True, text=True).stdout
+    return int([line for line in text.splitlines() if line.startswith("SPS:")][-1].split()[-1])
 
 
 if __name__ == "__main__":
