@@ -827,7 +827,7 @@ class OnlineRun:
         if step % LOG_FREQ == 0:
             sps = int(step / (time.time() - self.start_time))
             for name, value in {**losses, "alpha": alpha, "SPS": sps}.items():
-                self.writer.add_scalar(f"charts/{name}", float(torch.as_tensor(value).detach()), step)
+                self.writer.add_scalar(f"charts/{name}", torch.as_tensor(value).item(), step)
             print(f"step={step} SPS={sps}", flush=True)
         handover = step - self.args.learning_starts in HANDOVER_UPDATES
         if step % self.args.eval_freq == 0 or step == self.args.total_timesteps or handover:
