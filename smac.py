@@ -262,9 +262,6 @@ def soft_update(net: nn.Module, target: nn.Module, tau: float) -> None:
 # ---------------------------------------------------------------- the offline loop
 def train(args: Args) -> dict:
     check_flags(args)
-    check_env_name(args.env)
-    run_name = f"{args.env.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.run_dir, run_name)
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     data = load_dataset(args.env, args.dataset_path)
@@ -281,8 +278,8 @@ def train(args: Args) -> dict:
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     critic_opt = torch.optim.Adam([*critic.parameters(), *score_scale.parameters()], lr=args.q_lr)
     score_model_opt = torch.optim.Adam(score_model.parameters(), lr=3e-4)
-    log = OfflineLog(args, run_name, run_dir, obs_mean, obs_std, buffer, data["task"])
-    print(f"{run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, {device}, w_query {w_query:.3f}")
+    log, eval_env = RunLog(args, args.env), make_env(data["task"], obs_mean, obs_std)
+    print(f"{log.run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, {device}, w_query {w_query:.3f}")
 
     # ALGO LOGIC, phase 1: the diffusion model of the dataset's actions, pi^D(a|s, w)
     for update in progress(range(1, (args.score_model_updates if args.score_coef > 0 else 0) + 1), "score model"):
@@ -326,8 +323,15 @@ def train(args: Args) -> dict:
         log.losses("offline", update, td_loss=critic_td_loss, score_loss=sm_loss, actor_loss=actor_loss, q_values=y)
         if update == args.total_updates or (args.eval_freq > 0 and update % args.eval_freq == 0):
             diag = diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, args, w_query)
-            log.evaluate(update, actor, critic, target_critic, diag)
-    return log.finish()
+            result = log.evaluation("update", update, actor, eval_env, args.eval_episodes, data["task"], **diag)
+            probe = torch.linspace(0, buffer.size - 1, min(1024, buffer.size), device=device).long()
+            save_checkpoint(os.path.join(log.dir, "smac.pt"), actor, critic, target_critic, env=args.env,
+                            task=data["task"], alpha=args.alpha, obs_mean=torch.as_tensor(obs_mean),
+                            obs_std=torch.as_tensor(obs_std), td_grad_norm=diag["td_grad_norm"], args=asdict(args),
+                            probe_obs=buffer.data["observations"][probe].cpu())  # the fine-tuners' KL is taken there
+    log.writer.close()
+    print(f"{(sps := log.sps(args.total_updates))} updates/s; checkpoint: {os.path.join(log.dir, 'smac.pt')}")
+    return {"run_dir": log.dir, "sps": sps, **result}
 
 
 @torch.no_grad()
@@ -374,6 +378,12 @@ D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/{env
 MINARI_ID = re.compile(r"[\w.-]+(/[\w.-]+)+-v\d+")  # namespace/.../name-vN
 DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 LOG_FREQ = 1000  # updates (offline) or steps (online) between log lines
+HANDOVER_UPDATES = (100, 500, 1000)  # the fine-tuners' extra evaluations after the hand-over
+CHECKPOINT_FORMAT = "smac-checkpoint-v3"
+CHECKPOINT_KEYS = ("actor", "critic", "target_critic", "env", "task", "alpha", "obs_mean", "obs_std", "probe_obs",
+                   "td_grad_norm", "args")
+last_checkpoint = None  # the path of the last checkpoint written, named when a run is interrupted
+ctrl_c_pressed = False
 
 
 class SMACError(Exception):
@@ -411,15 +421,13 @@ def check_env_name(name: str) -> str:
 
 
 def d4rl_task(name: str) -> dict:
-    """What evaluation needs to know of a dataset (the checkpoint keeps it): its gymnasium env, as a JSON EnvSpec,
-    and its reference returns."""
+    """What evaluation needs of a dataset (the checkpoint keeps it): its env as a JSON EnvSpec, reference returns."""
     env = check_env_name(name).split("-")[0]
     return {"name": name, "env_spec": gym.spec(D4RL_ENVS[env]).to_json(), "ref_scores": list(REF_RETURNS[env])}
 
 
 def normalized_score(task: dict, episode_return: float) -> float:
-    # D4RL (and Minari): score = 100 * (R - R_random) / (R_expert - R_random)
-    low, high = task["ref_scores"]
+    low, high = task["ref_scores"]  # D4RL (and Minari): score = 100 * (R - R_random) / (R_expert - R_random)
     return 100.0 * (episode_return - low) / (high - low)
 
 
@@ -429,14 +437,9 @@ def dataset_url(name: str) -> str:
     return os.environ.get("D4RL_URL", D4RL_URL).format(env=env, dataset=dataset.replace("-", "_"))
 
 
-def cached_dataset_path(name: str) -> str:
-    cache = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
-    return os.path.join(cache, os.path.basename(dataset_url(name)))
-
-
 def download(url: str, path: str) -> None:
-    """Download into a temporary file beside `path`, renamed into place only once complete; on failure nothing is
-    left behind (not even a cache folder this call created)."""
+    """Into a temporary file beside `path`, renamed into place once complete; on failure nothing is left behind (not
+    even a cache folder this call created)."""
     folder = os.path.dirname(path) or "."
     created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
@@ -448,8 +451,7 @@ def download(url: str, path: str) -> None:
             name = f"downloading {os.path.basename(path)}"
             with progress_bar(None, name, total=total, unit="B", unit_scale=True) as bar:
                 while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    done += len(chunk)
+                    done += out.write(chunk)
                     bar.update(len(chunk))
         if total and done != total:
             raise http.client.IncompleteRead(b"", total - done)  # the server closed the connection early
@@ -467,9 +469,11 @@ def download(url: str, path: str) -> None:
 
 
 def read_d4rl_file(name: str, path: Optional[str]):
-    """The D4RL-format HDF5 file (downloaded into the cache when no path is given): (data, where it came from)."""
+    """The D4RL-format HDF5 file (without a path, downloaded into $D4RL_DATASET_DIR, default ~/.d4rl/datasets):
+    (data, where it came from)."""
     if path is None:
-        path = cached_dataset_path(name)
+        cache = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
+        path = os.path.join(cache, os.path.basename(dataset_url(name)))
         if not os.path.exists(path):
             download(dataset_url(name), path)
     if not os.path.isfile(path):
@@ -484,8 +488,7 @@ def read_d4rl_file(name: str, path: Optional[str]):
 
 
 def read_minari(name: str):
-    """A Minari dataset (loaded from $MINARI_DATASETS_PATH, downloaded by minari when absent) in D4RL's flat format,
-    and its task: the evaluation env it names and its reference returns."""
+    """A Minari dataset ($MINARI_DATASETS_PATH; minari downloads it when absent) as D4RL's flat arrays, its task."""
     import minari  # only Minari ids need it
 
     try:
@@ -493,27 +496,24 @@ def read_minari(name: str):
         spec = dataset.recover_environment(eval_env=True).spec  # the env the dataset names for evaluation
     except Exception as e:  # minari raises several types for unknown ids, failed downloads and missing envs
         raise SMACError(f"cannot load the Minari dataset {name} ({type(e).__name__}: {str(e)[:300]})") from e
-    meta = dataset.storage.metadata
+    meta, episodes = dataset.storage.metadata, list(dataset.iterate_episodes())
     if meta.get("ref_min_score") is None or meta.get("ref_max_score") is None:
         raise SMACError(f"the Minari dataset {name} has no reference scores (ref_min_score, ref_max_score): the "
                         "normalized score needs them")
-    episodes = list(dataset.iterate_episodes())
     if not all(isinstance(e.observations, np.ndarray) and isinstance(e.actions, np.ndarray) for e in episodes):
         raise SMACError(f"the Minari dataset {name} has structured (dict or tuple) observations or actions; SMAC here "
                         "reads flat vectors only")
     parts = {"observations": [e.observations[:-1] for e in episodes], "actions": [e.actions for e in episodes],
              "rewards": [e.rewards for e in episodes], "next_observations": [e.observations[1:] for e in episodes],
              "terminals": [e.terminations for e in episodes], "timeouts": [e.truncations for e in episodes]}
-    data = {k: np.concatenate(v) if episodes else np.zeros((0,)) for k, v in parts.items()}
     task = {"name": name, "env_spec": spec.to_json(), "ref_scores": [float(meta["ref_min_score"]),
                                                                       float(meta["ref_max_score"])]}
-    return data, task
+    return {k: np.concatenate(v) if episodes else np.zeros((0,)) for k, v in parts.items()}, task
 
 
 def load_dataset(name: str, path: Optional[str]) -> dict:
-    """A D4RL name's file or a Minari dataset as D4RL's flat arrays, with one clear SMACError per problem; adds the
-    task (the evaluation env and reference returns) and episode_return_w, the normalized return of each
-    transition's episode (the score model's w)."""
+    """A D4RL file or a Minari dataset as D4RL's flat arrays, with one clear SMACError per problem, plus the task (the
+    evaluation env and reference returns) and episode_return_w, the normalized return of each transition's episode."""
     if check_env_name(name) in D4RL_NAMES:
         (data, path), task = read_d4rl_file(name, path), d4rl_task(name)
     elif path is not None:
@@ -525,11 +525,11 @@ def load_dataset(name: str, path: Optional[str]) -> dict:
         raise SMACError(f"{path}: the keys have different lengths {sorted(lengths)}")
     if lengths == {0}:
         raise SMACError(f"{path} holds no transitions")
-    space = make_env(task, 0.0, 1.0)
-    obs_dim, act_dim = space.observation_space.shape[0], space.action_space.shape[0]
+    env = make_env(task, 0.0, 1.0)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     for key, dim in (("observations", obs_dim), ("next_observations", obs_dim), ("actions", act_dim)):
         if data[key].ndim != 2 or data[key].shape[1] != dim:
-            raise SMACError(f"{path}: {key} has shape {data[key].shape}, the env {space.spec.id} needs (N, {dim})")
+            raise SMACError(f"{path}: {key} has shape {data[key].shape}, the env {env.spec.id} needs (N, {dim})")
     for key in ("observations", "actions", "rewards", "next_observations"):
         if not np.isfinite(data[key]).all():
             raise SMACError(f"{path}: {key} contains NaN or inf values")
@@ -545,8 +545,7 @@ def load_dataset(name: str, path: Optional[str]) -> dict:
     episode = np.concatenate([[0], np.cumsum(ends)[:-1]])
     returns = np.bincount(episode, weights=data["rewards"])  # w = (R - min R) / (max R - min R) over episodes
     data["episode_return_w"] = ((returns - returns.min()) / max(np.ptp(returns), 1e-8))[episode].astype(np.float32)
-    data["task"] = task
-    return data
+    return {**data, "task": task}
 
 
 def progress_bar(iterable, desc: str, **kw) -> tqdm:
@@ -630,21 +629,56 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = torch_deterministic
 
 
-def start_logging(args, run_name: str, run_dir: str) -> SummaryWriter:
-    os.makedirs(run_dir, exist_ok=True)
-    if args.track:
-        import wandb
+class RunLog:
+    """A run's folder runs/{run_name}/: TensorBoard scalars (and W&B with --track), metrics.csv with a row per
+    evaluation as it happens, checkpoints. Losses are checked for NaN at log steps only (a check per update would sync
+    a GPU every step); SPS leaves the evaluations out."""
 
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(run_dir)
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
-    return writer
+    def __init__(self, args, env_name: str):
+        self.run_name = f"{env_name.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.dir = os.path.join(args.run_dir, self.run_name)
+        os.makedirs(self.dir, exist_ok=True)
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=self.run_name, save_code=True)
+        self.writer = SummaryWriter(self.dir)
+        table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+        self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+        self.start_time, self.eval_seconds = time.time(), 0.0
+
+    def sps(self, step: int) -> int:
+        return int(step / (time.time() - self.start_time - self.eval_seconds))
+
+    def losses(self, phase: str, step: int, **losses) -> None:
+        if step % LOG_FREQ != 0:
+            return
+        for name, value in losses.items():
+            if not torch.isfinite(torch.as_tensor(value)).all():
+                raise SMACError(f"the {name} became {torch.as_tensor(value).mean().item()} by {phase} step {step}; "
+                                "the last good checkpoint is kept")
+        scalars = {**{k: torch.as_tensor(v).mean().item() for k, v in losses.items()}, "SPS": self.sps(step)}
+        for name, value in scalars.items():
+            self.writer.add_scalar(f"{phase}/{name}", value, step)
+        print(" ".join([f"{phase} step={step}"] + [f"{k}={v:.4g}" for k, v in scalars.items()]), flush=True)
+
+    def evaluation(self, step_name: str, step: int, actor: Actor, env: gym.Env, episodes: int, task: dict,
+                   **metrics) -> dict:
+        """Mean normalized score of deterministic episodes; a row of metrics.csv with `metrics`, in TensorBoard."""
+        start, device = time.time(), next(actor.parameters()).device
+        score = float(np.mean([normalized_score(task, r) for r in evaluate(actor, env, episodes, device)]))
+        row = {step_name: step, "normalized_score": score, **metrics}
+        for name, value in row.items():
+            if isinstance(value, float):
+                self.writer.add_scalar(f"eval/{name}", value, step)
+        print("eval " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, (int, float))), flush=True)
+        append_csv(os.path.join(self.dir, "metrics.csv"), row)
+        self.eval_seconds += time.time() - start
+        return row
 
 
 def append_csv(path: str, row: dict) -> None:
-    """One row per evaluation, written as it happens (the header with the first)."""
     new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, list(row))
@@ -653,66 +687,11 @@ def append_csv(path: str, row: dict) -> None:
         writer.writerow({k: f"{v:.5g}" if isinstance(v, float) else v for k, v in row.items()})
 
 
-class OfflineLog:
-    """smac.py's TensorBoard scalars, finite-checks at log steps (a check per update would sync a GPU every step),
-    evaluations into metrics.csv and the checkpoint smac.pt, rewritten at each evaluation."""
-
-    def __init__(self, args, run_name, run_dir, obs_mean, obs_std, buffer, task: dict):
-        self.args, self.run_dir, self.writer = args, run_dir, start_logging(args, run_name, run_dir)
-        self.task = task
-        idx = torch.linspace(0, buffer.size - 1, min(1024, buffer.size), device=buffer.device).long()
-        self.probe_obs = buffer.data["observations"][idx].cpu()  # where the fine-tuners measure KL to this policy
-        self.obs_mean, self.obs_std = torch.as_tensor(obs_mean), torch.as_tensor(obs_std)
-        self.start_time, self.eval_seconds, self.result = time.time(), 0.0, {}
-
-    def losses(self, phase: str, update: int, **losses) -> None:
-        if update % LOG_FREQ != 0:
-            return
-        for name, value in losses.items():
-            if not torch.isfinite(value).all():
-                raise SMACError(f"the {name} became {value.mean().item()} by update {update}; the last good checkpoint "
-                                "is kept")
-        scalars = {k: v.mean().item() for k, v in losses.items()}
-        scalars["SPS"] = int(update / (time.time() - self.start_time - self.eval_seconds))  # evaluation excluded
-        for name, value in scalars.items():
-            self.writer.add_scalar(f"{phase}/{name}", value, update)
-        print(" ".join([f"{phase} update={update}"] + [f"{k}={v:.4g}" for k, v in scalars.items()]), flush=True)
-
-    def evaluate(self, update, actor, critic, target_critic, diagnostics: dict) -> None:
-        eval_start, args = time.time(), self.args
-        returns = evaluate(actor, make_env(self.task, self.obs_mean.numpy(), self.obs_std.numpy()), args.eval_episodes,
-                           next(actor.parameters()).device)
-        score = float(np.mean([normalized_score(self.task, r) for r in returns]))
-        self.result = {"update": update, "normalized_score": score, **diagnostics}
-        for name, value in self.result.items():
-            self.writer.add_scalar(f"eval/{name}", value, update)
-        print("eval " + " ".join(f"{k}={v:.4g}" for k, v in self.result.items()), flush=True)
-        append_csv(os.path.join(self.run_dir, "metrics.csv"), self.result)
-        save_checkpoint(os.path.join(self.run_dir, "smac.pt"), actor, critic, target_critic, env=args.env,
-                        task=self.task, alpha=args.alpha, obs_mean=self.obs_mean, obs_std=self.obs_std,
-                        probe_obs=self.probe_obs, td_grad_norm=diagnostics["td_grad_norm"], args=asdict(args))
-        self.eval_seconds += time.time() - eval_start
-
-    def finish(self) -> dict:
-        self.writer.close()
-        sps = int(self.result["update"] / (time.time() - self.start_time - self.eval_seconds))
-        print(f"{sps} updates/s; checkpoint: {os.path.join(self.run_dir, 'smac.pt')}")
-        return {"run_dir": self.run_dir, "sps": sps, **self.result}
-
-
-CHECKPOINT_FORMAT = "smac-checkpoint-v3"
-CHECKPOINT_KEYS = ("actor", "critic", "target_critic", "env", "task", "alpha", "obs_mean", "obs_std", "probe_obs",
-                   "td_grad_norm", "args")
-
-
-last_checkpoint = None  # the path of the last checkpoint written, named when a run is interrupted
-
-
 def save_checkpoint(path: str, actor, critic, target_critic, **content) -> None:
     """Weights and what the fine-tuners need, saved to a temporary file and renamed: never seen half-written."""
     global last_checkpoint
-    state = {name: {k: v.detach().cpu() for k, v in net.state_dict().items()}
-             for name, net in (("actor", actor), ("critic", critic), ("target_critic", target_critic))}
+    nets = {"actor": actor, "critic": critic, "target_critic": target_critic}
+    state = {name: {k: v.detach().cpu() for k, v in net.state_dict().items()} for name, net in nets.items()}
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save({"format": CHECKPOINT_FORMAT, **state, **content}, tmp)
@@ -733,8 +712,6 @@ def load_checkpoint(path: str, device: torch.device):
         raise SMACError(f"cannot read {path} as a SMAC checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SMACError(f"{path} is not a SMAC checkpoint (no format {CHECKPOINT_FORMAT!r})")
-    if "task" not in ckpt and ckpt.get("env") in D4RL_NAMES:  # written before Minari support: D4RL only
-        ckpt["task"] = d4rl_task(ckpt["env"])
     if missing := [k for k in CHECKPOINT_KEYS if k not in ckpt]:
         raise SMACError(f"{path} is an incomplete SMAC checkpoint: it lacks {missing}")
     try:
@@ -752,9 +729,6 @@ def load_checkpoint(path: str, device: torch.device):
 
 
 # ---------------------------------------------------------------- online helpers, shared by the two fine-tuners
-HANDOVER_UPDATES = (100, 500, 1000)  # extra evaluations (score and KL to the offline policy) after the hand-over
-
-
 def warm_up_lr(optimizers: dict, update: int, warmup: int) -> None:
     """lr_t = lr * min(1, t / warmup) at the t-th online update, for each {optimizer: lr}. Why: a fresh Adam's first
     steps have full size whatever the gradient's size (m / sqrt(v) ~ +-1), so the small actor gradient SMAC leaves
@@ -777,25 +751,22 @@ def transfer_metrics(evals: list, train_scores: list, drop_window: int) -> dict:
 
 class OnlineRun:
     """The fine-tuners' plumbing: the checkpoint's networks and envs, the online replay buffer, training episodes,
-    evaluations (step 0, every eval_freq steps, 100/500/1000 updates after the hand-over) into metrics.csv with
-    kl_to_offline = mean KL(pi_offline || pi_t) at the checkpoint's dataset states, final.pt at every evaluation, and
-    summary.csv: the transfer metrics and td_grad_ratio (the critic's TD-gradient norm over the first 10 online
-    updates, relative to its offline value)."""
+    evaluations (step 0, every eval_freq steps, 100/500/1000 updates after the hand-over) with kl_to_offline = mean
+    KL(pi_offline || pi_t) at the checkpoint's dataset states, final.pt at every evaluation, and summary.csv: the
+    transfer metrics and td_grad_ratio (the TD-gradient norm of the first 10 online updates over its offline value)."""
 
     def __init__(self, args, device: torch.device):
         check_flags(args)
         if args.eval_freq < 1 or args.total_timesteps <= args.learning_starts:
             raise SMACError("--eval-freq must be >= 1 and --learning-starts smaller than --total-timesteps")
         self.ckpt, self.actor, self.critic, self.target_critic = load_checkpoint(args.checkpoint, device)
-        self.args, self.device, self.env_name = args, device, check_env_name(self.ckpt["env"])
-        self.task, obs_mean, obs_std = self.ckpt["task"], self.ckpt["obs_mean"].numpy(), self.ckpt["obs_std"].numpy()
+        self.args, self.device, self.task = args, device, self.ckpt["task"]
+        obs_mean, obs_std = self.ckpt["obs_mean"].numpy(), self.ckpt["obs_std"].numpy()
         self.env, self.eval_env = make_env(self.task, obs_mean, obs_std), make_env(self.task, obs_mean, obs_std)
         if self.env.observation_space.shape != obs_mean.shape:
             raise SMACError(f"{args.checkpoint}: its observation statistics have shape {obs_mean.shape}, the env "
                             f"{self.env.spec.id} observes {self.env.observation_space.shape}")
-        run_name = f"{self.env_name.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
-        self.run_dir = os.path.join(args.run_dir, run_name)
-        self.writer = start_logging(args, run_name, self.run_dir)
+        self.log = RunLog(args, check_env_name(self.ckpt["env"]))
         self.buffer = ReplayBuffer(min(args.buffer_size, args.total_timesteps), len(obs_mean),
                                    self.env.action_space.shape[0], device)
         self.offline_actor, self.probe_obs = copy.deepcopy(self.actor), self.ckpt["probe_obs"].to(device)
@@ -803,7 +774,6 @@ class OnlineRun:
         self.drop_window = args.drop_window if args.drop_window is not None else max(5000, updates // 10)
         self.evals, self.kl, self.train_scores, self.new_returns, self.td_grad_norms = [], {}, [], [], []
         self.obs, _ = self.env.reset(seed=args.seed)
-        self.start_time = time.time()
         self.evaluate(0, self.ckpt["alpha"])  # the offline policy opens the curve
 
     def env_step(self, step: int, action: np.ndarray) -> None:
@@ -812,10 +782,9 @@ class OnlineRun:
                         next_observations=next_obs[None], dones=[terminated])  # a time-limit end still bootstraps
         self.obs = next_obs
         if terminated or truncated:
-            episode_return = float(info["episode"]["r"])
-            self.train_scores.append(normalized_score(self.task, episode_return))
-            self.new_returns.append(episode_return)
-            self.writer.add_scalar("charts/episodic_return", episode_return, step)
+            self.train_scores.append(normalized_score(self.task, float(info["episode"]["r"])))
+            self.new_returns.append(float(info["episode"]["r"]))
+            self.log.writer.add_scalar("charts/episodic_return", self.new_returns[-1], step)
             self.obs, _ = self.env.reset()
 
     def critic_step(self) -> None:
@@ -824,31 +793,21 @@ class OnlineRun:
             self.td_grad_norms.append(torch.sqrt(sum((p.grad**2).sum() for p in self.critic.parameters())).item())
 
     def end_step(self, step: int, alpha: float, **losses) -> None:
-        if step % LOG_FREQ == 0:
-            sps = int(step / (time.time() - self.start_time))
-            for name, value in {**losses, "alpha": alpha, "SPS": sps}.items():
-                self.writer.add_scalar(f"charts/{name}", torch.as_tensor(value).item(), step)
-            print(f"step={step} SPS={sps}", flush=True)
+        self.log.losses("online", step, **losses, alpha=alpha)
         handover = step - self.args.learning_starts in HANDOVER_UPDATES
         if step % self.args.eval_freq == 0 or step == self.args.total_timesteps or handover:
             self.evaluate(step, alpha)
 
     def evaluate(self, step: int, alpha: float) -> None:
-        returns = evaluate(self.actor, self.eval_env, self.args.eval_episodes, self.device)
-        score = float(np.mean([normalized_score(self.task, r) for r in returns]))
         with torch.no_grad():
             kl = gaussian_kl(*self.offline_actor(self.probe_obs), *self.actor(self.probe_obs)).mean().item()
         updates = max(0, step - self.args.learning_starts)
-        self.evals.append((updates, score))
-        self.kl[updates] = kl
-        append_csv(os.path.join(self.run_dir, "metrics.csv"), dict(
-            step=step, updates=updates, normalized_score=score, kl_to_offline=kl,
-            train_episode_returns=" ".join(f"{r:.2f}" for r in self.new_returns)))
-        self.new_returns = []
-        self.writer.add_scalar("eval/normalized_score", score, step)
-        self.writer.add_scalar("eval/kl_to_offline", kl, step)
-        print(f"eval step={step} updates={updates} normalized_score={score:.1f} kl_to_offline={kl:.4g}", flush=True)
-        save_checkpoint(os.path.join(self.run_dir, "final.pt"), self.actor, self.critic, self.target_critic,
+        returns = " ".join(f"{r:.2f}" for r in self.new_returns)  # the training episodes since the last row
+        row = self.log.evaluation("step", step, self.actor, self.eval_env, self.args.eval_episodes, self.task,
+                                  updates=updates, kl_to_offline=kl, train_episode_returns=returns)
+        self.evals.append((updates, row["normalized_score"]))
+        self.kl[updates], self.new_returns = kl, []
+        save_checkpoint(os.path.join(self.log.dir, "final.pt"), self.actor, self.critic, self.target_critic,
                         **{k: self.ckpt[k] for k in CHECKPOINT_KEYS[3:] if k != "alpha"}, alpha=float(alpha),
                         online_args=asdict(self.args))
 
@@ -856,16 +815,13 @@ class OnlineRun:
         summary = transfer_metrics(self.evals, self.train_scores, self.drop_window)
         summary["td_grad_ratio"] = float(np.mean(self.td_grad_norms)) / self.ckpt["td_grad_norm"]
         summary.update({f"kl_{u}": self.kl.get(u, math.nan) for u in HANDOVER_UPDATES})
-        append_csv(os.path.join(self.run_dir, "summary.csv"), summary)
+        append_csv(os.path.join(self.log.dir, "summary.csv"), summary)
         for key, value in summary.items():
-            self.writer.add_scalar(f"summary/{key}", value, self.args.total_timesteps)
-        self.writer.close()
+            self.log.writer.add_scalar(f"summary/{key}", value, self.args.total_timesteps)
+        self.log.writer.close()
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
-        print(f"fine-tuned checkpoint: {os.path.join(self.run_dir, 'final.pt')}")
-        return {"run_dir": self.run_dir, **summary}
-
-
-ctrl_c_pressed = False
+        print(f"fine-tuned checkpoint: {os.path.join(self.log.dir, 'final.pt')}")
+        return {"run_dir": self.log.dir, **summary}
 
 
 def on_ctrl_c(signum, frame) -> None:

@@ -412,7 +412,7 @@ def test_non_finite_loss_stops_naming_the_update_and_keeps_last_good_checkpoint(
     monkeypatch.setattr(smac, "soft_td_target", poisoned)
     monkeypatch.setattr(smac, "LOG_FREQ", 10)  # checked at log steps only
     args = small_args(tmp_path, write_hdf5(tmp_path / "d.hdf5"), eval_freq=10)
-    with pytest.raises(smac.SMACError, match="td_loss became nan by update 20"):
+    with pytest.raises(smac.SMACError, match="td_loss became nan by offline step 20"):
         smac.train(args)
     (run,) = os.listdir(tmp_path / "runs")
     ckpt = torch.load(tmp_path / "runs" / run / "smac.pt", weights_only=True)
