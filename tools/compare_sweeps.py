@@ -59,12 +59,18 @@ def table(args: Args) -> str:
               "regret below the baseline's |", "|---|---|---|---|---|---|---|"]
     for label in labels:
         for tuner in sorted({k[1] for k in groups}):
-            mean = {method: {m: np.mean([float(r[m]) for k, rows in groups.items() for r in rows
-                                         if k[1] == tuner and k[2] == method and k[3] == label]) for m in
-                             ("drop", "regret")} for method in ("smac", "baseline")}
-            lines.append(f"| {label} | {tuner} | {mean['smac']['drop']:.2f} | {mean['baseline']['drop']:.2f} | "
-                         f"{mean['smac']['regret']:.3f} | {mean['baseline']['regret']:.3f} | "
-                         f"{100 * (1 - mean['smac']['regret'] / mean['baseline']['regret']):.1f}% |")
+            mean = {}  # (method, metric) -> mean over the sweep's datasets and seeds; absent when it has no such runs
+            for method in ("smac", "baseline"):
+                rows = [r for k, group in groups.items() if k[1:] == (tuner, method, label) for r in group]
+                mean.update({(method, m): np.mean([float(r[m]) for r in rows]) for m in ("drop", "regret") if rows})
+
+            def cell(key, fmt):
+                return format(mean[key], fmt) if key in mean else "-"
+
+            below = (f"{100 * (1 - mean['smac', 'regret'] / mean['baseline', 'regret']):.1f}%"
+                     if ("smac", "regret") in mean and ("baseline", "regret") in mean else "-")
+            lines.append(f"| {label} | {tuner} | {cell(('smac', 'drop'), '.2f')} | {cell(('baseline', 'drop'), '.2f')} "
+                         f"| {cell(('smac', 'regret'), '.3f')} | {cell(('baseline', 'regret'), '.3f')} | {below} |")
     return "\n".join(lines)
 
 

@@ -42,3 +42,9 @@ def test_a_missing_column_shows_a_dash_and_bad_input_one_error(tmp_path):
         compare_sweeps.table(compare_sweeps.Args([str(tmp_path / "nope.csv")]))
     with pytest.raises(compare_sweeps.smac.SMACError, match="1 files but 2 labels"):
         compare_sweeps.table(compare_sweeps.Args([a], labels=["x", "y"]))
+
+
+def test_a_sweep_without_baseline_runs_shows_dashes_not_nan(tmp_path):
+    a = write_summary(tmp_path / "a" / "summary.csv", [row("smac", 1, 2.0, 0.5), row("smac", 2, 4.0, 0.7)])
+    out = compare_sweeps.table(compare_sweeps.Args([a], metrics=["drop"]))
+    assert "| a | sac | 3.00 | - | 0.600 | - | - |" in out and "nan" not in out
