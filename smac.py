@@ -279,6 +279,8 @@ def train(args: Args) -> dict:
     critic_opt = torch.optim.Adam([*critic.parameters(), *score_scale.parameters()], lr=args.q_lr)
     score_model_opt = torch.optim.Adam(score_model.parameters(), lr=3e-4)
     log, eval_env = RunLog(args, args.env), make_env(data["task"], obs_mean, obs_std)
+    probe = torch.linspace(0, buffer.size - 1, min(1024, buffer.size), device=device).long()
+    probe_obs = buffer.data["observations"][probe].cpu()  # dataset states where the fine-tuners measure their KL
     print(f"{log.run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, {device}, w_query {w_query:.3f}")
 
     # ALGO LOGIC, phase 1: the diffusion model of the dataset's actions, pi^D(a|s, w)
@@ -324,11 +326,10 @@ def train(args: Args) -> dict:
         if update == args.total_updates or (args.eval_freq > 0 and update % args.eval_freq == 0):
             diag = diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, args, w_query)
             result = log.evaluation("update", update, actor, eval_env, args.eval_episodes, data["task"], **diag)
-            probe = torch.linspace(0, buffer.size - 1, min(1024, buffer.size), device=device).long()
             save_checkpoint(os.path.join(log.dir, "smac.pt"), actor, critic, target_critic, env=args.env,
                             task=data["task"], alpha=args.alpha, obs_mean=torch.as_tensor(obs_mean),
                             obs_std=torch.as_tensor(obs_std), td_grad_norm=diag["td_grad_norm"], args=asdict(args),
-                            probe_obs=buffer.data["observations"][probe].cpu())  # the fine-tuners' KL is taken there
+                            probe_obs=probe_obs)
     log.writer.close()
     print(f"{(sps := log.sps(args.total_updates))} updates/s; checkpoint: {os.path.join(log.dir, 'smac.pt')}")
     return {"run_dir": log.dir, "sps": sps, **result}

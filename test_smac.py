@@ -642,7 +642,6 @@ def test_progress_bar_on_a_terminal_only(tmp_path, tty):
     assert bar == tty and ("\r" in stdout + stderr) == tty
 
 
-
 def test_a_swallowed_ctrl_c_still_stops_the_training_loop_at_its_next_step(monkeypatch):
     monkeypatch.setattr(smac, "ctrl_c_pressed", False)
     steps = []
