@@ -10,6 +10,7 @@ checkpoint's alpha, soft target updates). At the checkpoint's dataset states, wi
                     states: 1, the critic still ranks the policy's actions as offline; ~0, TD has rewritten them
   actor_grad_cos    cosine of SAC's actor-loss gradients under the offline and the updated critic
   actor_grad_ratio  their norms, updated / offline
+It reads the first ~100 updates only: a critic that keeps its ranking there can still lead the policy down later.
 
     python tools/handover_probe.py runs/<run>/smac.pt [other.pt ...] --updates 25 100 500
 """
