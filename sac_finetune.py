@@ -57,6 +57,8 @@ class Args:
     """the actor (and alpha) is updated every this many steps, that many times (delayed updates, as CleanRL)"""
     autotune: bool = True
     """if toggled, alpha (starting from the checkpoint's) is tuned toward the target entropy -act_dim"""
+    score_coef: float = 0.0
+    """kappa of SMAC's penalty kept in the online critic loss (the checkpoint's diffusion model; 0: plain online RL)"""
     eval_freq: int = 5000
     """evaluate every this many online steps (also at step 0 and after 100, 500 and 1000 updates)"""
     eval_episodes: int = 10
@@ -89,7 +91,8 @@ def train(args: Args) -> dict:
             batch = run.buffer.sample(args.batch_size)
             # L_Q = sum_i E (Q_i(s, a) - y)^2,  y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s'))
             y = smac.soft_td_target(actor, target_critic, batch, args.gamma, alpha)
-            critic_loss = smac.td_loss(critic, batch, y)
+            # [+ kappa L_SM with --score-coef: SMAC's penalty kept online]
+            critic_loss = smac.td_loss(critic, batch, y) + args.score_coef * run.score_penalty(batch["observations"])
             critic_opt.zero_grad()
             critic_loss.backward()
             run.critic_step()

@@ -177,6 +177,13 @@ def score_matching_loss(residual: torch.Tensor) -> torch.Tensor:
     return residual.pow(2).sum(-1).mean(1).sum()
 
 
+def score_matching_penalty(critic, score_scale, score_model, obs, mean, log_std, w_query: float) -> torch.Tensor:
+    """L_SM at the states obs and B(A) actions, the score asked at w = w_query; the fine-tuners' --score-coef too."""
+    w = torch.full((len(obs), 1), w_query, device=obs.device)
+    actions = penalty_actions(mean, log_std)
+    return score_matching_loss(score_matching_residual(critic, score_scale, score_model, obs, actions, w)[0])
+
+
 class ScoreModel(nn.Module):
     """eps_omega(s, a_k, w, k), a diffusion model of the dataset's actions in IDQL's style (a LayerNorm residual MLP),
     conditioned on a trajectory-level return w (Reinforcement via Supervision). After k of K noise steps an action a
@@ -306,10 +313,7 @@ def train(args: Args) -> dict:
         sm_loss = torch.zeros((), device=device)
         if args.score_coef > 0:  # SMAC, at s ~ D: the first score_batch_size states of the (iid) minibatch
             n = args.score_batch_size or args.batch_size
-            w = torch.full((n, 1), w_query, device=device)
-            actions = penalty_actions(mean[:n], log_std[:n])
-            residual, _, _ = score_matching_residual(critic, score_scale, score_model, obs[:n], actions, w)
-            sm_loss = score_matching_loss(residual)
+            sm_loss = score_matching_penalty(critic, score_scale, score_model, obs[:n], mean[:n], log_std[:n], w_query)
         critic_loss = critic_td_loss + args.score_coef * sm_loss
         critic_opt.zero_grad()
         critic_loss.backward()
@@ -329,7 +333,8 @@ def train(args: Args) -> dict:
             save_checkpoint(os.path.join(log.dir, "smac.pt"), actor, critic, target_critic, env=args.env,
                             task=data["task"], alpha=args.alpha, obs_mean=torch.as_tensor(obs_mean),
                             obs_std=torch.as_tensor(obs_std), td_grad_norm=diag["td_grad_norm"], args=asdict(args),
-                            probe_obs=probe_obs)
+                            probe_obs=probe_obs, w_query=w_query, score_model=cpu_state(score_model, args.score_coef),
+                            score_scale=cpu_state(score_scale, args.score_coef))
     log.writer.close()
     print(f"{(sps := log.sps(args.total_updates))} updates/s; checkpoint: {os.path.join(log.dir, 'smac.pt')}")
     return {"run_dir": log.dir, "sps": sps, **result}
@@ -380,9 +385,9 @@ MINARI_ID = re.compile(r"[\w.-]+(/[\w.-]+)+-v\d+")  # namespace/.../name-vN
 DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 LOG_FREQ = 1000  # updates (offline) or steps (online) between log lines
 HANDOVER_UPDATES = (100, 500, 1000)  # the fine-tuners' extra evaluations after the hand-over
-CHECKPOINT_FORMAT = "smac-checkpoint-v3"
+CHECKPOINT_FORMAT = "smac-checkpoint-v4"
 CHECKPOINT_KEYS = ("actor", "critic", "target_critic", "env", "task", "alpha", "obs_mean", "obs_std", "probe_obs",
-                   "td_grad_norm", "args")
+                   "td_grad_norm", "args", "w_query", "score_model", "score_scale")
 last_checkpoint = None  # the path of the last checkpoint written, named when a run is interrupted
 ctrl_c_pressed = False
 
@@ -688,11 +693,14 @@ def append_csv(path: str, row: dict) -> None:
         writer.writerow({k: f"{v:.5g}" if isinstance(v, float) else v for k, v in row.items()})
 
 
+def cpu_state(net: nn.Module, keep: bool = True) -> Optional[dict]:
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()} if keep else None
+
+
 def save_checkpoint(path: str, actor, critic, target_critic, **content) -> None:
     """Weights and what the fine-tuners need, saved to a temporary file and renamed: never seen half-written."""
     global last_checkpoint
-    nets = {"actor": actor, "critic": critic, "target_critic": target_critic}
-    state = {name: {k: v.detach().cpu() for k, v in net.state_dict().items()} for name, net in nets.items()}
+    state = {"actor": cpu_state(actor), "critic": cpu_state(critic), "target_critic": cpu_state(target_critic)}
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save({"format": CHECKPOINT_FORMAT, **state, **content}, tmp)
@@ -771,6 +779,16 @@ class OnlineRun:
         self.buffer = ReplayBuffer(min(args.buffer_size, args.total_timesteps), len(obs_mean),
                                    self.env.action_space.shape[0], device)
         self.offline_actor, self.probe_obs = copy.deepcopy(self.actor), self.ckpt["probe_obs"].to(device)
+        if args.score_coef > 0:  # SMAC's penalty kept online: the checkpoint's diffusion model and alpha_psi, frozen
+            if self.ckpt["score_model"] is None:
+                raise SMACError(f"--score-coef needs a SMAC checkpoint; {args.checkpoint} was trained with "
+                                "--score-coef 0 (no diffusion model)")
+            obs_dim, act_dim, ckpt_args = len(obs_mean), self.env.action_space.shape[0], self.ckpt["args"]
+            self.score_model = ScoreModel(obs_dim, act_dim, steps=ckpt_args["diffusion_steps"]).to(device)
+            self.score_scale = ScoreScale(obs_dim, ckpt_args["hidden_dim"], ckpt_args["score_scale_floor"]).to(device)
+            for net, key in ((self.score_model, "score_model"), (self.score_scale, "score_scale")):
+                net.load_state_dict(self.ckpt[key])
+                net.requires_grad_(False)
         updates = args.total_timesteps - args.learning_starts
         self.drop_window = args.drop_window if args.drop_window is not None else max(5000, updates // 10)
         self.evals, self.kl, self.train_scores, self.new_returns, self.td_grad_norms = [], {}, [], [], []
@@ -787,6 +805,15 @@ class OnlineRun:
             self.new_returns.append(float(info["episode"]["r"]))
             self.log.writer.add_scalar("charts/episodic_return", self.new_returns[-1], step)
             self.obs, _ = self.env.reset()
+
+    def score_penalty(self, obs: torch.Tensor) -> torch.Tensor:
+        """SMAC's L_SM at the online batch's states (0 with --score-coef 0: plain SAC / TD3)."""
+        if self.args.score_coef == 0:
+            return torch.zeros((), device=obs.device)
+        with torch.no_grad():
+            mean, log_std = self.actor(obs)
+        return score_matching_penalty(self.critic, self.score_scale, self.score_model, obs, mean, log_std,
+                                      self.ckpt["w_query"])
 
     def critic_step(self) -> None:
         """Call between the critic's backward and its optimizer step."""
