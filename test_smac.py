@@ -399,6 +399,12 @@ def test_short_offline_run_writes_metrics_and_a_weights_only_checkpoint(tmp_path
         assert np.isfinite(float(rows[-1][key])) and float(rows[-1][key]) > 0
     _, actor, _, _ = smac.load_checkpoint(os.path.join(result["run_dir"], "smac.pt"), torch.device("cpu"))
     torch.testing.assert_close(actor.state_dict()["net.0.weight"], ckpt["actor"]["net.0.weight"])
+    # the diffusion model and alpha_psi travel with a SMAC checkpoint, for the fine-tuners' --score-coef
+    assert (ckpt["score_model"] is None) == (ckpt["score_scale"] is None) == bool(extra) and 0 <= ckpt["w_query"] <= 1
+    if extra:
+        with pytest.raises(smac.SMACError, match="--score-coef needs a SMAC checkpoint"):
+            sac_finetune.train(online_args(sac_finetune, tmp_path, os.path.join(result["run_dir"], "smac.pt"),
+                                           score_coef=1.0))
 
 
 def test_non_finite_loss_stops_naming_the_update_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -486,6 +492,30 @@ def test_lr_warmup_ramps_the_learning_rates_and_slows_the_first_online_moves(tmp
         plain = module.train(online_args(module, tmp_path, offline_checkpoint[0]))
         ramped = module.train(online_args(module, tmp_path, offline_checkpoint[0], lr_warmup=10_000))
         assert 0 < ramped["kl_100"] < plain["kl_100"] / 10
+
+
+def score_residual(path: str) -> float:
+    """||grad_a Q_i - alpha_psi grad_a log pi^D|| / ||alpha_psi grad_a log pi^D|| of a checkpoint's critic, at its
+    probe states and B(A) actions, against the offline run's diffusion model and alpha_psi."""
+    ckpt, actor, critic, _ = smac.load_checkpoint(path, torch.device("cpu"))
+    score_model, score_scale = smac.ScoreModel(OBS_DIM, ACT_DIM), smac.ScoreScale(OBS_DIM, 32, 0.2)
+    score_model.load_state_dict(ckpt["score_model"])
+    score_scale.load_state_dict(ckpt["score_scale"])
+    torch.manual_seed(0)
+    obs = ckpt["probe_obs"]
+    w = torch.full((len(obs), 1), ckpt["w_query"])
+    residual, _, data_score = smac.score_matching_residual(critic, score_scale, score_model, obs,
+                                                           smac.penalty_actions(*actor(obs)), w)
+    return (residual.norm() / (score_scale(obs) * data_score).norm()).item()
+
+
+@pytest.mark.parametrize("module", [sac_finetune, td3_finetune])
+def test_score_coef_keeps_the_online_critic_near_the_dataset_score(tmp_path, offline_checkpoint, module):
+    path = offline_checkpoint[0]
+    plain = module.train(online_args(module, tmp_path, path, total_timesteps=400, q_lr=3e-3))
+    kept = module.train(online_args(module, tmp_path, path, total_timesteps=400, q_lr=3e-3, score_coef=10.0))
+    plain_res, kept_res = (score_residual(os.path.join(r["run_dir"], "final.pt")) for r in (plain, kept))
+    assert kept_res < 0.85 * plain_res  # 300 updates, the same seed and data: only the penalty differs
 
 
 def test_drop_and_regret_definitions():
