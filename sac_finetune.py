@@ -2,8 +2,9 @@
 
     python sac_finetune.py --checkpoint runs/<run_name>/smac.pt
 
-The online phase is plain SAC (CleanRL's sac_continuous_action.py, acting with the loaded policy from the first step):
-the SMAC penalty is not used here. What SMAC changes is where SAC starts.
+The online phase is SAC (CleanRL's sac_continuous_action.py, acting with the loaded policy from the first step) whose
+critic loss keeps SMAC's penalty, kappa * L_SM with the checkpoint's frozen diffusion model: without it (plain SAC,
+--score-coef 0) online TD rewrites the critic's action structure within 100 updates and the policy falls (README).
 """
 
 import math
@@ -57,8 +58,8 @@ class Args:
     """the actor (and alpha) is updated every this many steps, that many times (delayed updates, as CleanRL)"""
     autotune: bool = True
     """if toggled, alpha (starting from the checkpoint's) is tuned toward the target entropy -act_dim"""
-    score_coef: float = 0.0
-    """kappa of SMAC's penalty kept in the online critic loss (the checkpoint's diffusion model; 0: plain online RL)"""
+    score_coef: Optional[float] = None
+    """kappa of SMAC's penalty kept in the online critic loss; default the checkpoint's (0: plain online RL)"""
     eval_freq: int = 5000
     """evaluate every this many online steps (also at step 0 and after 100, 500 and 1000 updates)"""
     eval_episodes: int = 10
@@ -92,7 +93,7 @@ def train(args: Args) -> dict:
             # L_Q = sum_i E (Q_i(s, a) - y)^2,  y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s'))
             y = smac.soft_td_target(actor, target_critic, batch, args.gamma, alpha)
             # [+ kappa L_SM with --score-coef: SMAC's penalty kept online]
-            critic_loss = smac.td_loss(critic, batch, y) + args.score_coef * run.score_penalty(batch["observations"])
+            critic_loss = smac.td_loss(critic, batch, y) + run.score_penalty(batch["observations"])
             critic_opt.zero_grad()
             critic_loss.backward()
             run.critic_step()

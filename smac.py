@@ -5,7 +5,7 @@ SMAC asks the offline critic to respect this with the DATASET's score, estimated
 model, and a learned state-dependent scale alpha_psi(s); the actor keeps SAC's own loss:
     L_Q = L_TD + kappa * sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) * grad_a log pi^D(a|s,w) ||^2
 with B(A) half policy samples, half uniform actions. Online SAC or TD3 then starts from a critic whose action-gradient
-already points where the data is.
+already points where the data is; the fine-tuners keep kappa * L_SM in their critic loss (ours: without it, they fall).
 
     python smac.py --env hopper-medium-replay-v2 [--dataset-path file.hdf5]
     python sac_finetune.py --checkpoint runs/<run_name>/smac.pt      (or td3_finetune.py)
@@ -91,7 +91,7 @@ class Args:
     """updates of the diffusion model of the dataset's actions, trained before the actor-critic"""
     diffusion_steps: int = 10
     """K, noise steps of the diffusion model (more steps: a sharper score at k = 1)"""
-    score_scale_floor: float = 0.2
+    score_scale_floor: float = 1.0
     """alpha_psi(s) >= this floor (left free, alpha_psi shrinks to 0 and the critic goes flat in the action)"""
     return_quantile: float = 0.9
     """the score is queried at w = this quantile of the dataset's normalized episode returns"""
@@ -402,7 +402,7 @@ FLAG_RULES = {  # flag: (test, what it must be); each script checks the flags it
     **dict.fromkeys(("score_model_updates", "eval_freq", "lr_warmup"), (lambda v: v >= 0, ">= 0")),
     **dict.fromkeys(("policy_lr", "q_lr", "alpha"), (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")),
     **dict.fromkeys(("score_coef", "score_scale_floor", "bc_coef", "exploration_noise", "policy_noise", "noise_clip"),
-                    (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")),
+                    (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0")),
     "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "return_quantile": (lambda v: 0 <= v <= 1, "in [0, 1]"), "drop_window": (lambda v: v is None or v >= 0, ">= 0"),
 }
@@ -762,7 +762,8 @@ class OnlineRun:
     """The fine-tuners' plumbing: the checkpoint's networks and envs, the online replay buffer, training episodes,
     evaluations (step 0, every eval_freq steps, 100/500/1000 updates after the hand-over) with kl_to_offline = mean
     KL(pi_offline || pi_t) at the checkpoint's dataset states, final.pt at every evaluation, and summary.csv: the
-    transfer metrics and td_grad_ratio (the TD-gradient norm of the first 10 online updates over its offline value)."""
+    transfer metrics and td_grad_ratio (the critic-loss gradient norm of the first 10 online updates, penalty included,
+    over the offline TD-gradient norm)."""
 
     def __init__(self, args, device: torch.device):
         check_flags(args)
@@ -779,7 +780,8 @@ class OnlineRun:
         self.buffer = ReplayBuffer(min(args.buffer_size, args.total_timesteps), len(obs_mean),
                                    self.env.action_space.shape[0], device)
         self.offline_actor, self.probe_obs = copy.deepcopy(self.actor), self.ckpt["probe_obs"].to(device)
-        if args.score_coef > 0:  # SMAC's penalty kept online: the checkpoint's diffusion model and alpha_psi, frozen
+        self.score_coef = self.ckpt["args"]["score_coef"] if args.score_coef is None else args.score_coef
+        if self.score_coef > 0:  # SMAC's penalty kept online: the checkpoint's diffusion model and alpha_psi, frozen
             if self.ckpt["score_model"] is None:
                 raise SMACError(f"--score-coef needs a SMAC checkpoint; {args.checkpoint} was trained with "
                                 "--score-coef 0 (no diffusion model)")
@@ -807,13 +809,13 @@ class OnlineRun:
             self.obs, _ = self.env.reset()
 
     def score_penalty(self, obs: torch.Tensor) -> torch.Tensor:
-        """SMAC's L_SM at the online batch's states (0 with --score-coef 0: plain SAC / TD3)."""
-        if self.args.score_coef == 0:
+        """kappa * L_SM at the online batch's states, SMAC's penalty kept online (0 with kappa 0: plain SAC / TD3)."""
+        if self.score_coef == 0:
             return torch.zeros((), device=obs.device)
         with torch.no_grad():
             mean, log_std = self.actor(obs)
-        return score_matching_penalty(self.critic, self.score_scale, self.score_model, obs, mean, log_std,
-                                      self.ckpt["w_query"])
+        return self.score_coef * score_matching_penalty(self.critic, self.score_scale, self.score_model, obs, mean,
+                                                        log_std, self.ckpt["w_query"])
 
     def critic_step(self) -> None:
         """Call between the critic's backward and its optimizer step."""

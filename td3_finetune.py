@@ -4,7 +4,7 @@
 
 The deterministic actor is mu(s) = tanh(mean(s)) of the loaded Gaussian actor, so the first online policy is exactly
 the offline policy's mean action; the twin critics and their targets are the loaded ones. The rest is CleanRL's
-td3_continuous_action.py.
+td3_continuous_action.py, with SMAC's penalty kept in the critic loss as in sac_finetune.py (--score-coef 0: plain TD3).
 """
 
 import copy
@@ -64,8 +64,8 @@ class Args:
     """the target-policy smoothing noise is clipped to [-noise_clip, noise_clip]"""
     bc_coef: float = 0.0
     """> 0: online TD3+BC, actor loss -Q/mean|Q| + bc_coef * ||mu(s) - a||^2 (TD3+BC's alpha = 2.5 is 0.4)"""
-    score_coef: float = 0.0
-    """kappa of SMAC's penalty kept in the online critic loss (the checkpoint's diffusion model; 0: plain online RL)"""
+    score_coef: Optional[float] = None
+    """kappa of SMAC's penalty kept in the online critic loss; default the checkpoint's (0: plain online RL)"""
     eval_freq: int = 5000
     """evaluate every this many online steps (also at step 0 and after 100, 500 and 1000 updates)"""
     eval_episodes: int = 10
@@ -107,7 +107,7 @@ def train(args: Args) -> dict:
                 next_q = target_critic(batch["next_observations"], next_actions).min(0).values
                 y = batch["rewards"].squeeze(-1) + args.gamma * (1 - batch["dones"].squeeze(-1)) * next_q
             # L_Q = sum_i E (Q_i(s, a) - y)^2 [+ kappa L_SM: --score-coef, SMAC's penalty kept online]
-            critic_loss = smac.td_loss(critic, batch, y) + args.score_coef * run.score_penalty(batch["observations"])
+            critic_loss = smac.td_loss(critic, batch, y) + run.score_penalty(batch["observations"])
             critic_opt.zero_grad()
             critic_loss.backward()
             run.critic_step()

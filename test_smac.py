@@ -401,10 +401,11 @@ def test_short_offline_run_writes_metrics_and_a_weights_only_checkpoint(tmp_path
     torch.testing.assert_close(actor.state_dict()["net.0.weight"], ckpt["actor"]["net.0.weight"])
     # the diffusion model and alpha_psi travel with a SMAC checkpoint, for the fine-tuners' --score-coef
     assert (ckpt["score_model"] is None) == (ckpt["score_scale"] is None) == bool(extra) and 0 <= ckpt["w_query"] <= 1
-    if extra:
+    if extra:  # a baseline checkpoint fine-tunes plain (its kappa is 0); asking for the penalty is an error
+        path = os.path.join(result["run_dir"], "smac.pt")
+        assert sac_finetune.train(online_args(sac_finetune, tmp_path, path, total_timesteps=150))["train_episodes"] > 0
         with pytest.raises(smac.SMACError, match="--score-coef needs a SMAC checkpoint"):
-            sac_finetune.train(online_args(sac_finetune, tmp_path, os.path.join(result["run_dir"], "smac.pt"),
-                                           score_coef=1.0))
+            sac_finetune.train(online_args(sac_finetune, tmp_path, path, score_coef=1.0))
 
 
 def test_non_finite_loss_stops_naming_the_update_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -498,7 +499,8 @@ def score_residual(path: str) -> float:
     """||grad_a Q_i - alpha_psi grad_a log pi^D|| / ||alpha_psi grad_a log pi^D|| of a checkpoint's critic, at its
     probe states and B(A) actions, against the offline run's diffusion model and alpha_psi."""
     ckpt, actor, critic, _ = smac.load_checkpoint(path, torch.device("cpu"))
-    score_model, score_scale = smac.ScoreModel(OBS_DIM, ACT_DIM), smac.ScoreScale(OBS_DIM, 32, 0.2)
+    score_model = smac.ScoreModel(OBS_DIM, ACT_DIM)
+    score_scale = smac.ScoreScale(OBS_DIM, 32, ckpt["args"]["score_scale_floor"])
     score_model.load_state_dict(ckpt["score_model"])
     score_scale.load_state_dict(ckpt["score_scale"])
     torch.manual_seed(0)
@@ -510,10 +512,10 @@ def score_residual(path: str) -> float:
 
 
 @pytest.mark.parametrize("module", [sac_finetune, td3_finetune])
-def test_score_coef_keeps_the_online_critic_near_the_dataset_score(tmp_path, offline_checkpoint, module):
+def test_the_penalty_kept_online_holds_the_critic_near_the_dataset_score(tmp_path, offline_checkpoint, module):
     path = offline_checkpoint[0]
-    plain = module.train(online_args(module, tmp_path, path, total_timesteps=400, q_lr=3e-3))
-    kept = module.train(online_args(module, tmp_path, path, total_timesteps=400, q_lr=3e-3, score_coef=10.0))
+    plain = module.train(online_args(module, tmp_path, path, total_timesteps=400, q_lr=3e-3, score_coef=0.0))
+    kept = module.train(online_args(module, tmp_path, path, total_timesteps=400, q_lr=3e-3))  # the checkpoint's 10
     plain_res, kept_res = (score_residual(os.path.join(r["run_dir"], "final.pt")) for r in (plain, kept))
     assert kept_res < 0.85 * plain_res  # 300 updates, the same seed and data: only the penalty differs
 
@@ -594,6 +596,7 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path, module, make_bad, messag
     (dict(total_timesteps=100), "--learning-starts smaller than --total-timesteps"),
     (dict(eval_freq=0), "--eval-freq must be >= 1"), (dict(batch_size=0), "--batch-size must be >= 1"),
     (dict(learning_starts=-5), "--learning-starts must be >= 1"), (dict(q_lr=float("inf")), "--q-lr"),
+    (dict(score_coef=float("nan")), "--score-coef must be a finite number >= 0"),
 ])
 def test_bad_online_flags_give_one_clear_error_and_write_nothing(tmp_path, offline_checkpoint, module, flags, message):
     with pytest.raises(smac.SMACError, match=message):

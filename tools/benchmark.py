@@ -1,5 +1,6 @@
 """Speed benchmark: offline updates per second of smac.py with and without the regularizer, of CORL's td3_bc.py on the
-same data (optional), and online steps per second of sac_finetune.py. Configurations are interleaved over repeats
+same data (optional), and online steps per second of sac_finetune.py (plain SAC, --score-coef 0, against CleanRL; and
+its default, SMAC's penalty kept online). Configurations are interleaved over repeats
 and medians reported, since this machine is noisy. Evaluation time is excluded from the offline figures.
 
     python tools/benchmark.py --dataset-path ../shared/datasets/hopper_medium-local.hdf5 \
@@ -137,13 +138,17 @@ def main(args: Args) -> None:
               f"{np.median(values) / corl:.2f}x |")
     if args.online_steps:  # wall time of the whole online run, updates from the first step, two 1-episode evals
         ckpt = smac.train(smac.Args(**{**common, "total_updates": 200}))["run_dir"]
-        online_sps = {"sac_finetune.py": [], **({"CleanRL sac_continuous_action.py": []} if args.cleanrl_sac else {})}
+        online = {"sac_finetune.py --score-coef 0 (plain SAC)": 0.0,
+                  "sac_finetune.py (defaults: the penalty kept)": None}
+        online_sps = {**{name: [] for name in online},
+                      **({"CleanRL sac_continuous_action.py": []} if args.cleanrl_sac else {})}
         for _ in range(args.repeats):
-            start = time.time()
-            sac_finetune.train(sac_finetune.Args(checkpoint=os.path.join(ckpt, "smac.pt"), learning_starts=1,
-                                                 total_timesteps=args.online_steps, eval_freq=10**9, eval_episodes=1,
-                                                 run_dir=out, cuda=False))
-            online_sps["sac_finetune.py"].append(round(args.online_steps / (time.time() - start)))
+            for name, score_coef in online.items():
+                start = time.time()
+                sac_finetune.train(sac_finetune.Args(checkpoint=os.path.join(ckpt, "smac.pt"), learning_starts=1,
+                                                     total_timesteps=args.online_steps, eval_freq=10**9,
+                                                     eval_episodes=1, run_dir=out, cuda=False, score_coef=score_coef))
+                online_sps[name].append(round(args.online_steps / (time.time() - start)))
             if args.cleanrl_sac:
                 online_sps["CleanRL sac_continuous_action.py"].append(cleanrl_sac_sps(args.cleanrl_sac, args, out))
         cleanrl = np.median(online_sps.get("CleanRL sac_continuous_action.py", [np.nan]))

@@ -2,8 +2,9 @@
 probe of the hand-over that costs seconds instead of a fine-tuning run (dev log, session 9).
 
 From each checkpoint, the offline policy collects --online-steps transitions (as the fine-tuners' learning-starts),
-then the critic alone takes TD updates on them as sac_finetune.py's first updates would (fresh Adam, --q-lr, the
-checkpoint's alpha, soft target updates). At the checkpoint's dataset states, with policy samples at each state:
+then the critic alone takes plain TD updates on them as `sac_finetune.py --score-coef 0` would (fresh Adam, --q-lr,
+the checkpoint's alpha, soft target updates; the fine-tuners' default keeps SMAC's penalty, which this leaves out).
+At the checkpoint's dataset states, with policy samples at each state:
   action_spread     std over a state's policy samples of min_i Q(s, a), mean over states (offline -> after)
   uniform_spread    the same over uniform actions, offline
   preference_corr   correlation over a state's samples of the offline and the updated min_i Q(s, .), mean over
