@@ -737,6 +737,20 @@ def load_checkpoint(path: str, device: torch.device):
     return ckpt, actor, critic, target_critic
 
 
+def load_score_nets(ckpt: dict, path: str, device: torch.device):
+    """The checkpoint's diffusion model and alpha_psi, frozen: SMAC's penalty online."""
+    if ckpt["score_model"] is None:
+        raise SMACError(f"--score-coef needs a SMAC checkpoint; {path} was trained with --score-coef 0 (no diffusion "
+                        "model)")
+    obs_dim, act_dim, args = len(ckpt["obs_mean"]), len(ckpt["actor"]["net.4.bias"]) // 2, ckpt["args"]
+    score_model = ScoreModel(obs_dim, act_dim, steps=args["diffusion_steps"]).to(device)
+    score_scale = ScoreScale(obs_dim, args["hidden_dim"], args["score_scale_floor"]).to(device)
+    for net, key in ((score_model, "score_model"), (score_scale, "score_scale")):
+        net.load_state_dict(ckpt[key])
+        net.requires_grad_(False)
+    return score_model, score_scale
+
+
 # ---------------------------------------------------------------- online helpers, shared by the two fine-tuners
 def warm_up_lr(optimizers: dict, update: int, warmup: int) -> None:
     """lr_t = lr * min(1, t / warmup) at the t-th online update, for each {optimizer: lr}. Why: a fresh Adam's first
@@ -781,16 +795,8 @@ class OnlineRun:
                                    self.env.action_space.shape[0], device)
         self.offline_actor, self.probe_obs = copy.deepcopy(self.actor), self.ckpt["probe_obs"].to(device)
         self.score_coef = self.ckpt["args"]["score_coef"] if args.score_coef is None else args.score_coef
-        if self.score_coef > 0:  # SMAC's penalty kept online: the checkpoint's diffusion model and alpha_psi, frozen
-            if self.ckpt["score_model"] is None:
-                raise SMACError(f"--score-coef needs a SMAC checkpoint; {args.checkpoint} was trained with "
-                                "--score-coef 0 (no diffusion model)")
-            obs_dim, act_dim, ckpt_args = len(obs_mean), self.env.action_space.shape[0], self.ckpt["args"]
-            self.score_model = ScoreModel(obs_dim, act_dim, steps=ckpt_args["diffusion_steps"]).to(device)
-            self.score_scale = ScoreScale(obs_dim, ckpt_args["hidden_dim"], ckpt_args["score_scale_floor"]).to(device)
-            for net, key in ((self.score_model, "score_model"), (self.score_scale, "score_scale")):
-                net.load_state_dict(self.ckpt[key])
-                net.requires_grad_(False)
+        if self.score_coef > 0:  # SMAC's penalty kept online
+            self.score_model, self.score_scale = load_score_nets(self.ckpt, args.checkpoint, device)
         updates = args.total_timesteps - args.learning_starts
         self.drop_window = args.drop_window if args.drop_window is not None else max(5000, updates // 10)
         self.evals, self.kl, self.train_scores, self.new_returns, self.td_grad_norms = [], {}, [], [], []

@@ -2,8 +2,8 @@
 probe of the hand-over that costs seconds instead of a fine-tuning run (dev log, session 9).
 
 From each checkpoint, the offline policy collects --online-steps transitions (as the fine-tuners' learning-starts),
-then the critic alone takes plain TD updates on them as `sac_finetune.py --score-coef 0` would (fresh Adam, --q-lr,
-the checkpoint's alpha, soft target updates; the fine-tuners' default keeps SMAC's penalty, which this leaves out).
+then the critic alone takes TD updates on them as `sac_finetune.py --score-coef 0` would (fresh Adam, --q-lr, the
+checkpoint's alpha, soft target updates); with --score-coef, TD + kappa * L_SM, as the fine-tuners' default does.
 At the checkpoint's dataset states, with policy samples at each state:
   action_spread     std over a state's policy samples of min_i Q(s, a), mean over states (offline -> after)
   uniform_spread    the same over uniform actions, offline
@@ -43,6 +43,8 @@ class Args:
     """policy samples per state"""
     q_lr: float = 3e-4
     """learning rate of the critic's updates (the fine-tuners' --q-lr)"""
+    score_coef: float = 0.0
+    """kappa of SMAC's penalty in the critic's updates (0: plain TD; the fine-tuners' default is the checkpoint's)"""
     seed: int = 1
     """seed of the rollout, the samples and the updates"""
 
@@ -79,9 +81,16 @@ def probe(path: str, args: Args) -> List[dict]:
     grad_offline = actor_gradient(actor, critic, states, ckpt["alpha"])
 
     critic_opt, rows = torch.optim.Adam(critic.parameters(), lr=args.q_lr), []
+    if args.score_coef > 0:
+        score_model, score_scale = smac.load_score_nets(ckpt, path, device)
     for update in range(1, max(args.updates) + 1):
         batch = buffer.sample(256)
         loss = smac.td_loss(critic, batch, smac.soft_td_target(actor, target_critic, batch, 0.99, ckpt["alpha"]))
+        if args.score_coef > 0:  # as the fine-tuners' --score-coef: kappa * L_SM at the batch's states
+            with torch.no_grad():
+                mean, log_std = actor(batch["observations"])
+            loss = loss + args.score_coef * smac.score_matching_penalty(
+                critic, score_scale, score_model, batch["observations"], mean, log_std, ckpt["w_query"])
         critic_opt.zero_grad()
         loss.backward()
         critic_opt.step()
@@ -103,8 +112,8 @@ def probe(path: str, args: Args) -> List[dict]:
 def main(args: Args) -> str:
     if not args.updates or min(args.updates) < 1 or args.online_steps < 1 or args.states < 1 or args.samples < 2:
         raise smac.SMACError("--updates must be >= 1, --online-steps and --states >= 1, --samples >= 2")
-    if not args.q_lr >= 0:
-        raise smac.SMACError(f"--q-lr must be >= 0, got {args.q_lr}")
+    if not args.q_lr >= 0 or not args.score_coef >= 0:
+        raise smac.SMACError(f"--q-lr and --score-coef must be >= 0, got {args.q_lr}, {args.score_coef}")
     torch.set_num_threads(1)
     lines = ["| run | updates | action spread (offline -> after) | uniform spread | preference corr | "
              "actor grad cos | actor grad ratio |", "|---|---|---|---|---|---|---|"]

@@ -32,6 +32,8 @@ def test_an_unmoved_critic_keeps_its_preferences_and_td_updates_change_them(chec
         assert r["action_spread_after"] == pytest.approx(r["action_spread"], rel=1e-5)
     moved = handover_probe.probe(checkpoint, handover_probe.Args(**{**vars(args), "q_lr": 1e-2}))
     assert moved[-1]["preference_corr"] < 0.99 and moved[-1]["actor_grad_cos"] < 0.99
+    kept = handover_probe.probe(checkpoint, handover_probe.Args(**{**vars(args), "q_lr": 1e-2, "score_coef": 10.0}))
+    assert kept[-1]["preference_corr"] != pytest.approx(moved[-1]["preference_corr"], abs=1e-4)  # the penalty acts
     table = handover_probe.main(args)
     assert table.count("\n") == 3 and os.path.basename(os.path.dirname(checkpoint)) in table
 
@@ -41,5 +43,7 @@ def test_bad_input_is_one_clear_error(checkpoint, tmp_path):
         handover_probe.main(handover_probe.Args([checkpoint], samples=1))
     with pytest.raises(smac.SMACError, match="--q-lr"):
         handover_probe.main(handover_probe.Args([checkpoint], q_lr=-1.0))
+    with pytest.raises(smac.SMACError, match="--score-coef"):
+        handover_probe.main(handover_probe.Args([checkpoint], score_coef=float("nan")))
     with pytest.raises(smac.SMACError, match="does not exist"):
         handover_probe.main(handover_probe.Args([str(tmp_path / "missing.pt")], updates=[1]))
