@@ -333,8 +333,9 @@ def train(args: Args) -> dict:
             save_checkpoint(os.path.join(log.dir, "smac.pt"), actor, critic, target_critic, env=args.env,
                             task=data["task"], alpha=args.alpha, obs_mean=torch.as_tensor(obs_mean),
                             obs_std=torch.as_tensor(obs_std), td_grad_norm=diag["td_grad_norm"], args=asdict(args),
-                            probe_obs=probe_obs, w_query=w_query, score_model=cpu_state(score_model, args.score_coef),
-                            score_scale=cpu_state(score_scale, args.score_coef))
+                            probe_obs=probe_obs, w_query=w_query,  # the diffusion model only if trained (SMAC):
+                            score_model=cpu_state(score_model) if args.score_coef > 0 else None,
+                            score_scale=cpu_state(score_scale) if args.score_coef > 0 else None)
     log.writer.close()
     print(f"{(sps := log.sps(args.total_updates))} updates/s; checkpoint: {os.path.join(log.dir, 'smac.pt')}")
     return {"run_dir": log.dir, "sps": sps, **result}
@@ -693,8 +694,8 @@ def append_csv(path: str, row: dict) -> None:
         writer.writerow({k: f"{v:.5g}" if isinstance(v, float) else v for k, v in row.items()})
 
 
-def cpu_state(net: nn.Module, keep: bool = True) -> Optional[dict]:
-    return {k: v.detach().cpu() for k, v in net.state_dict().items()} if keep else None
+def cpu_state(net: nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
 def save_checkpoint(path: str, actor, critic, target_critic, **content) -> None:
