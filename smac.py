@@ -406,6 +406,8 @@ FLAG_RULES = {  # flag: (test, what it must be); each script checks the flags it
                     (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0")),
     "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "return_quantile": (lambda v: 0 <= v <= 1, "in [0, 1]"), "drop_window": (lambda v: v is None or v >= 0, ">= 0"),
+    "score_coef_final": (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "score_release_updates": (lambda v: v >= 1, ">= 1"), "offline_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
 
@@ -762,6 +764,17 @@ def warm_up_lr(optimizers: dict, update: int, warmup: int) -> None:
             group["lr"] = lr * min(1.0, update / warmup) if warmup > 0 else lr
 
 
+def released_score_coef(start: float, final: float, release_updates: int, update: int) -> float:
+    """kappa_t, the online weight of SMAC's penalty at the t-th update: geometric from the checkpoint's kappa to the
+    final one over release_updates, then the final one. A final 0 is approached as start / 1000, then switched off,
+    so the penalty's cost ends too. Geometric because the online behaviour changes with the order of kappa (10 holds
+    the offline policy, 1 lets it drift, 0.1 lets it climb; dev log, session 10)."""
+    if update >= release_updates or start in (0, final):  # from kappa 0 there is nothing to release
+        return final
+    end = max(final, start / 1000)
+    return start * (end / start) ** (update / release_updates)
+
+
 def transfer_metrics(evals: list, train_scores: list, drop_window: int) -> dict:
     """evals: (updates since the hand-over, normalized score), step 0 first. drop is counted in updates from the
     step at which updates begin, so a fall the updates cause is always inside the window.
@@ -796,8 +809,13 @@ class OnlineRun:
                                    self.env.action_space.shape[0], device)
         self.offline_actor, self.probe_obs = copy.deepcopy(self.actor), self.ckpt["probe_obs"].to(device)
         self.score_coef = self.ckpt["args"]["score_coef"] if args.score_coef is None else args.score_coef
-        if self.score_coef > 0:  # SMAC's penalty kept online
+        self.score_coef_final = self.score_coef if args.score_coef_final is None else args.score_coef_final
+        if max(self.score_coef, self.score_coef_final) > 0:  # SMAC's penalty kept online
             self.score_model, self.score_scale = load_score_nets(self.ckpt, args.checkpoint, device)
+        self.offline_buffer = None
+        if args.offline_ratio > 0:  # the offline dataset, normalized as offline, shares each online minibatch
+            data = load_dataset(self.ckpt["env"], self.ckpt["args"]["dataset_path"])
+            self.offline_buffer = dataset_buffer(data, obs_mean, obs_std, device)
         updates = args.total_timesteps - args.learning_starts
         self.drop_window = args.drop_window if args.drop_window is not None else max(5000, updates // 10)
         self.evals, self.kl, self.train_scores, self.new_returns, self.td_grad_norms = [], {}, [], [], []
@@ -815,13 +833,26 @@ class OnlineRun:
             self.log.writer.add_scalar("charts/episodic_return", self.new_returns[-1], step)
             self.obs, _ = self.env.reset()
 
-    def score_penalty(self, obs: torch.Tensor) -> torch.Tensor:
-        """kappa * L_SM at the online batch's states, SMAC's penalty kept online (0 with kappa 0: plain SAC / TD3)."""
-        if self.score_coef == 0:
+    def sample(self, batch_size: int) -> dict:
+        """An online minibatch; with --offline-ratio r, round(r * batch_size) of it from the offline dataset."""
+        n_offline = round(self.args.offline_ratio * batch_size) if self.offline_buffer is not None else 0
+        batch = self.buffer.sample(batch_size - n_offline)
+        if n_offline == 0:
+            return batch
+        offline = self.offline_buffer.sample(n_offline)
+        return {k: torch.cat([v, offline[k]]) for k, v in batch.items()}
+
+    def score_penalty(self, obs: torch.Tensor, update: int) -> torch.Tensor:
+        """kappa_t * L_SM at the online batch's states for the update-th online update: SMAC's penalty kept online,
+        released as --score-coef-final and --score-release-updates say (0 once kappa_t is 0: plain SAC / TD3)."""
+        kappa = released_score_coef(self.score_coef, self.score_coef_final, self.args.score_release_updates, update)
+        if update % LOG_FREQ == 0:
+            self.log.writer.add_scalar("online/score_coef", kappa, update)
+        if kappa == 0:
             return torch.zeros((), device=obs.device)
         with torch.no_grad():
             mean, log_std = self.actor(obs)
-        return self.score_coef * score_matching_penalty(self.critic, self.score_scale, self.score_model, obs, mean,
+        return kappa * score_matching_penalty(self.critic, self.score_scale, self.score_model, obs, mean,
                                                         log_std, self.ckpt["w_query"])
 
     def critic_step(self) -> None:

@@ -66,6 +66,12 @@ class Args:
     """> 0: online TD3+BC, actor loss -Q/mean|Q| + bc_coef * ||mu(s) - a||^2 (TD3+BC's alpha = 2.5 is 0.4)"""
     score_coef: Optional[float] = None
     """kappa of SMAC's penalty kept in the online critic loss; default the checkpoint's (0: plain online RL)"""
+    score_coef_final: Optional[float] = None
+    """kappa after the release: kappa_t falls geometrically to it over --score-release-updates; default no release"""
+    score_release_updates: int = 15_000
+    """online updates over which kappa_t falls from --score-coef to --score-coef-final"""
+    offline_ratio: float = 0.0
+    """fraction of each online minibatch drawn from the offline dataset (RLPD and Cal-QL: 0.5; 0: online data only)"""
     eval_freq: int = 5000
     """evaluate every this many online steps (also at step 0 and after 100, 500 and 1000 updates)"""
     eval_episodes: int = 10
@@ -96,9 +102,9 @@ def train(args: Args) -> dict:
 
         # ALGO LOGIC: training
         if step > args.learning_starts:
-            smac.warm_up_lr({actor_opt: args.policy_lr, critic_opt: args.q_lr}, step - args.learning_starts,
-                            args.lr_warmup)
-            batch = run.buffer.sample(args.batch_size)
+            update = step - args.learning_starts  # online updates since the hand-over
+            smac.warm_up_lr({actor_opt: args.policy_lr, critic_opt: args.q_lr}, update, args.lr_warmup)
+            batch = run.sample(args.batch_size)
             with torch.no_grad():
                 # y = r + gamma (1 - d) min_i Q'_i(s', clip(mu'(s') + clip(eps, -c, c), -1, 1)),  eps ~ N(0, sigma^2)
                 noise = torch.randn_like(batch["actions"]) * args.policy_noise
@@ -106,8 +112,8 @@ def train(args: Args) -> dict:
                 next_actions = (deterministic_action(target_actor, batch["next_observations"]) + noise).clamp(-1, 1)
                 next_q = target_critic(batch["next_observations"], next_actions).min(0).values
                 y = batch["rewards"].squeeze(-1) + args.gamma * (1 - batch["dones"].squeeze(-1)) * next_q
-            # L_Q = sum_i E (Q_i(s, a) - y)^2 [+ kappa L_SM: --score-coef, SMAC's penalty kept online]
-            critic_loss = smac.td_loss(critic, batch, y) + run.score_penalty(batch["observations"])
+            # L_Q = sum_i E (Q_i(s, a) - y)^2 [+ kappa_t L_SM: SMAC's penalty kept online, then released]
+            critic_loss = smac.td_loss(critic, batch, y) + run.score_penalty(batch["observations"], update)
             critic_opt.zero_grad()
             critic_loss.backward()
             run.critic_step()

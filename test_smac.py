@@ -520,6 +520,49 @@ def test_the_penalty_kept_online_holds_the_critic_near_the_dataset_score(tmp_pat
     assert kept_res < 0.85 * plain_res  # 300 updates, the same seed and data: only the penalty differs
 
 
+def test_released_score_coef_falls_geometrically_to_the_final_kappa_and_then_stays():
+    assert smac.released_score_coef(10.0, 0.1, 1000, 0) == pytest.approx(10.0)
+    assert smac.released_score_coef(10.0, 0.1, 1000, 500) == pytest.approx(1.0)  # halfway in log-kappa
+    assert smac.released_score_coef(10.0, 0.1, 1000, 1000) == 0.1
+    assert smac.released_score_coef(10.0, 0.1, 1000, 50_000) == 0.1
+    assert smac.released_score_coef(10.0, 0.0, 1000, 999) == pytest.approx(10.0 / 1000 ** 0.999)  # toward start/1000,
+    assert smac.released_score_coef(10.0, 0.0, 1000, 1000) == 0.0  # then off
+    assert smac.released_score_coef(10.0, 10.0, 1000, 10) == 10.0  # no release
+    assert smac.released_score_coef(0.0, 0.0, 1000, 10) == 0.0
+
+
+@pytest.mark.parametrize("module", [sac_finetune, td3_finetune])
+def test_a_release_to_zero_stops_computing_the_penalty(tmp_path, offline_checkpoint, module, monkeypatch):
+    kappas = []
+    penalty = smac.score_matching_penalty
+
+    def recording_penalty(*a, **kw):
+        kappas.append(None)
+        return penalty(*a, **kw)
+
+    monkeypatch.setattr(smac, "score_matching_penalty", recording_penalty)
+    module.train(online_args(module, tmp_path, offline_checkpoint[0]))  # 200 updates, kappa kept
+    assert len(kappas) == 200
+    kappas.clear()
+    module.train(online_args(module, tmp_path, offline_checkpoint[0], score_coef_final=0.0, score_release_updates=50))
+    assert len(kappas) == 49  # updates 1..49; from the 50th kappa_t is 0 and the penalty costs nothing
+
+
+def test_offline_ratio_draws_that_share_of_each_minibatch_from_the_dataset(tmp_path, offline_checkpoint):
+    run = smac.OnlineRun(online_args(sac_finetune, tmp_path, offline_checkpoint[0], offline_ratio=0.25,
+                                     eval_episodes=1), torch.device("cpu"))
+    for step in range(1, 51):
+        run.env_step(step, run.env.action_space.sample())
+    batch = run.sample(32)
+    assert set(batch) == set(run.buffer.data) and all(len(v) == 32 for v in batch.values())
+    dataset_obs = run.offline_buffer.data["observations"]
+    from_dataset = [bool((dataset_obs == o).all(-1).any()) for o in batch["observations"]]
+    assert from_dataset == [False] * 24 + [True] * 8  # 24 online transitions, then 8 of the normalized dataset's
+    plain = smac.OnlineRun(online_args(sac_finetune, tmp_path, offline_checkpoint[0], eval_episodes=1),
+                           torch.device("cpu"))
+    assert plain.offline_buffer is None
+
+
 def test_drop_and_regret_definitions():
     evals = [(0, 50.0), (50, 45.0), (100, 30.0), (150, 10.0), (1000, 60.0)]  # (updates, score); 10.0 after 150 updates
     expert = 3234.3
