@@ -812,7 +812,7 @@ class OnlineRun:
         self.score_coef_final = self.score_coef if args.score_coef_final is None else args.score_coef_final
         if max(self.score_coef, self.score_coef_final) > 0:  # SMAC's penalty kept online
             self.score_model, self.score_scale = load_score_nets(self.ckpt, args.checkpoint, device)
-        self.offline_buffer = None
+        self.offline_buffer, self.release_clock, self.kappa = None, 0, self.score_coef
         if args.offline_ratio > 0:  # the offline dataset, normalized as offline, shares each online minibatch
             data = load_dataset(self.ckpt["env"], self.ckpt["args"]["dataset_path"])
             self.offline_buffer = dataset_buffer(data, obs_mean, obs_std, device)
@@ -845,7 +845,11 @@ class OnlineRun:
     def score_penalty(self, obs: torch.Tensor, update: int) -> torch.Tensor:
         """kappa_t * L_SM at the online batch's states for the update-th online update: SMAC's penalty kept online,
         released as --score-coef-final and --score-release-updates say (0 once kappa_t is 0: plain SAC / TD3)."""
-        kappa = released_score_coef(self.score_coef, self.score_coef_final, self.args.score_release_updates, update)
+        clock = update
+        if self.args.score_release_gate:
+            clock = self.release_clock = self.gated_clock(update)
+        kappa = self.kappa = released_score_coef(self.score_coef, self.score_coef_final,
+                                                  self.args.score_release_updates, clock)
         if update % LOG_FREQ == 0:
             self.log.writer.add_scalar("online/score_coef", kappa, update)
         if kappa == 0:
@@ -854,6 +858,18 @@ class OnlineRun:
             mean, log_std = self.actor(obs)
         return kappa * score_matching_penalty(self.critic, self.score_scale, self.score_model, obs, mean,
                                                         log_std, self.ckpt["w_query"])
+
+    def gated_clock(self, update: int) -> int:
+        """The release's clock under --score-release-gate: one step forward per update while the last 5 training
+        episodes since the hand-over score at least what the offline policy's own training episodes scored before it
+        (the step-0 evaluation if none ended), one step back otherwise: kappa_t falls only while the policy holds."""
+        if update == 1:
+            self.handover_episodes = len(self.train_scores)
+            before = self.train_scores[: self.handover_episodes]
+            self.reference_score = float(np.mean(before)) if before else self.evals[0][1]
+        recent = self.train_scores[self.handover_episodes:][-5:]
+        holding = not recent or float(np.mean(recent)) >= self.reference_score
+        return max(0, self.release_clock + (1 if holding else -1))
 
     def critic_step(self) -> None:
         """Call between the critic's backward and its optimizer step."""
@@ -872,7 +888,8 @@ class OnlineRun:
         updates = max(0, step - self.args.learning_starts)
         returns = " ".join(f"{r:.2f}" for r in self.new_returns)  # the training episodes since the last row
         row = self.log.evaluation("step", step, self.actor, self.eval_env, self.args.eval_episodes, self.task,
-                                  updates=updates, kl_to_offline=kl, train_episode_returns=returns)
+                                  updates=updates, kl_to_offline=kl, score_coef=float(self.kappa),
+                                  train_episode_returns=returns)
         self.evals.append((updates, row["normalized_score"]))
         self.kl[updates], self.new_returns = kl, []
         save_checkpoint(os.path.join(self.log.dir, "final.pt"), self.actor, self.critic, self.target_critic,

@@ -70,6 +70,8 @@ class Args:
     """kappa after the release: kappa_t falls geometrically to it over --score-release-updates; default no release"""
     score_release_updates: int = 15_000
     """online updates over which kappa_t falls from --score-coef to --score-coef-final"""
+    score_release_gate: bool = False
+    """if toggled, the release advances only while recent training episodes score at least the offline policy's"""
     offline_ratio: float = 0.0
     """fraction of each online minibatch drawn from the offline dataset (RLPD and Cal-QL: 0.5; 0: online data only)"""
     eval_freq: int = 5000

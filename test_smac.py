@@ -548,6 +548,29 @@ def test_a_release_to_zero_stops_computing_the_penalty(tmp_path, offline_checkpo
     assert len(kappas) == 49  # updates 1..49; from the 50th kappa_t is 0 and the penalty costs nothing
 
 
+def test_the_gated_release_advances_only_while_the_policy_holds_its_start(tmp_path, offline_checkpoint, monkeypatch):
+    run = smac.OnlineRun(online_args(sac_finetune, tmp_path, offline_checkpoint[0], eval_episodes=1,
+                                     score_release_gate=True), torch.device("cpu"))
+    run.train_scores = [50.0]  # the offline policy's training episode before the hand-over
+    clocks = []
+    for update, new_episode in enumerate([None, None, 40.0, None, 60.0, 60.0], start=1):
+        if new_episode is not None:
+            run.train_scores.append(new_episode)
+        run.release_clock = run.gated_clock(update)
+        clocks.append(run.release_clock)
+    assert clocks == [1, 2, 1, 0, 1, 2]  # no episode yet: on; 40 < 50: back (twice); mean(40, 60) = 50: on
+    calls = []
+    monkeypatch.setattr(smac.OnlineRun, "gated_clock", lambda self, update: calls.append(update) or 0)
+    for gate, expected_calls in ((False, []), (True, list(range(1, 201)))):
+        calls.clear()
+        result = sac_finetune.train(online_args(sac_finetune, tmp_path, offline_checkpoint[0], score_coef_final=0.0,
+                                                score_release_updates=50, score_release_gate=gate))
+        assert calls == expected_calls
+        with open(os.path.join(result["run_dir"], "metrics.csv")) as f:
+            kappas = [float(r["score_coef"]) for r in csv.DictReader(f)]
+        assert kappas[-1] == (10.0 if gate else 0.0)  # a clock held at 0 keeps the checkpoint's kappa
+
+
 def test_offline_ratio_draws_that_share_of_each_minibatch_from_the_dataset(tmp_path, offline_checkpoint):
     run = smac.OnlineRun(online_args(sac_finetune, tmp_path, offline_checkpoint[0], offline_ratio=0.25,
                                      eval_episodes=1), torch.device("cpu"))
