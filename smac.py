@@ -14,15 +14,18 @@ already points where the data is; the fine-tuners keep kappa * L_SM in their cri
 import copy
 import csv
 import http.client
+import io
 import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import asdict, dataclass
@@ -276,6 +279,9 @@ def train(args: Args) -> dict:
     obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
     buffer = dataset_buffer(data, obs_mean, obs_std, device)
     w_query = float(np.quantile(data["episode_return_w"], args.return_quantile))  # w at which the score is asked
+    if buffer.size < args.batch_size:
+        warnings.warn(f"the dataset holds {buffer.size} transitions, fewer than one minibatch (--batch-size "
+                      f"{args.batch_size}): each minibatch repeats transitions")
 
     actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
     critic = TwinCritic(obs_dim, act_dim, args.hidden_dim).to(device)
@@ -297,7 +303,7 @@ def train(args: Args) -> dict:
         score_model_opt.zero_grad()
         diffusion_loss.backward()
         score_model_opt.step()
-        log.losses("score_model", update, diffusion_loss=diffusion_loss)
+        log.losses("score_model", update, args.score_model_updates, diffusion_loss=diffusion_loss)
     score_model.requires_grad_(False)
 
     # ALGO LOGIC, phase 2: the actor-critic
@@ -326,13 +332,15 @@ def train(args: Args) -> dict:
         actor_opt.step()
         soft_update(critic, target_critic, args.tau)
 
-        log.losses("offline", update, td_loss=critic_td_loss, score_loss=sm_loss, actor_loss=actor_loss, q_values=y)
+        log.losses("offline", update, args.total_updates, td_loss=critic_td_loss, score_loss=sm_loss,
+                   actor_loss=actor_loss, td_target=y)
         if update == args.total_updates or (args.eval_freq > 0 and update % args.eval_freq == 0):
             diag = diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, args, w_query)
             result = log.evaluation("update", update, actor, eval_env, args.eval_episodes, data["task"], **diag)
             save_checkpoint(os.path.join(log.dir, "smac.pt"), actor, critic, target_critic, env=args.env,
                             task=data["task"], alpha=args.alpha, obs_mean=torch.as_tensor(obs_mean),
                             obs_std=torch.as_tensor(obs_std), td_grad_norm=diag["td_grad_norm"], args=asdict(args),
+                            update=update,
                             probe_obs=probe_obs, w_query=w_query,  # the diffusion model only if trained (SMAC):
                             score_model=cpu_state(score_model) if args.score_coef > 0 else None,
                             score_scale=cpu_state(score_scale) if args.score_coef > 0 else None)
@@ -391,6 +399,7 @@ CHECKPOINT_KEYS = ("actor", "critic", "target_critic", "env", "task", "alpha", "
                    "td_grad_norm", "args", "w_query", "score_model", "score_scale")
 last_checkpoint = None  # the path of the last checkpoint written, named when a run is interrupted
 ctrl_c_pressed = False
+current_run = None  # the RunLog of this process's run, whose folder a failure before any evaluation removes
 
 
 class SMACError(Exception):
@@ -404,7 +413,7 @@ FLAG_RULES = {  # flag: (test, what it must be); each script checks the flags it
     **dict.fromkeys(("policy_lr", "q_lr", "alpha"), (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")),
     **dict.fromkeys(("score_coef", "score_scale_floor", "bc_coef", "exploration_noise", "policy_noise", "noise_clip"),
                     (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0")),
-    "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"), "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "return_quantile": (lambda v: 0 <= v <= 1, "in [0, 1]"), "drop_window": (lambda v: v is None or v >= 0, ">= 0"),
     "score_coef_final": (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "score_release_updates": (lambda v: v >= 1, ">= 1"), "offline_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -420,12 +429,46 @@ def check_flags(args) -> None:
         raise SMACError(f"--score-batch-size must be in [1, --batch-size], got {args.score_batch_size}")
     if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
         raise SMACError(f"--run-dir {args.run_dir} is a file, not a folder")
+    check_writable_folder(args.run_dir, "--run-dir")
+
+
+def check_writable_folder(folder: str, what: str) -> None:
+    """One clear error now, not a traceback later, for a folder that cannot be created or written."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SMACError(f"{what} {folder} lies under {existing}, which is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SMACError(f"{what} {folder}: {existing} is not writable")
+
+
+def make_folders(folder: str) -> Optional[str]:
+    """os.makedirs that returns the top-most folder it created (None if it existed), so a failure can remove them."""
+    top, parent = None, os.path.abspath(folder)
+    while not os.path.exists(parent):
+        top, parent = parent, os.path.dirname(parent)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise SMACError(f"cannot create the folder {folder}: {e.strerror or e}") from e
+    return top
+
+
+def remove_empty_folders(top: Optional[str], folder: str) -> None:
+    """Removes `folder` and its parents up to `top` (a make_folders result) while they are empty."""
+    folder = os.path.abspath(folder)
+    while top is not None and os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
+        if folder == top:
+            break
+        folder = os.path.dirname(folder)
 
 
 def check_env_name(name: str) -> str:
     if name not in D4RL_NAMES and not MINARI_ID.fullmatch(name):
-        raise SMACError(f"unknown dataset {name!r}: give a Minari id such as mujoco/hopper/medium-v0 or one of the "
-                        f"D4RL names {', '.join(D4RL_NAMES)}")
+        raise SMACError(f"unknown dataset {name!r}: give a D4RL name {{{','.join(D4RL_ENVS)}}}-"
+                        f"{{{','.join(D4RL_DATASETS)}}}-v2 or a Minari id such as mujoco/hopper/medium-v0")
     return name
 
 
@@ -443,15 +486,22 @@ def normalized_score(task: dict, episode_return: float) -> float:
 def dataset_url(name: str) -> str:
     """The file's URL; $D4RL_URL (a template with {env} and {dataset}) points elsewhere, e.g. to a mirror."""
     env, dataset = check_env_name(name)[: -len("-v2")].split("-", 1)
-    return os.environ.get("D4RL_URL", D4RL_URL).format(env=env, dataset=dataset.replace("-", "_"))
+    template = os.environ.get("D4RL_URL", D4RL_URL)
+    try:
+        url = template.format(env=env, dataset=dataset.replace("-", "_"))
+    except (KeyError, IndexError, ValueError) as e:
+        raise SMACError(f"$D4RL_URL {template!r} may hold only the placeholders {{env}} and {{dataset}}") from e
+    if urllib.parse.urlparse(url).scheme not in ("http", "https", "ftp", "file"):
+        raise SMACError(f"$D4RL_URL {template!r} is not a URL (it needs http://, https://, ftp:// or file://)")
+    return url
 
 
 def download(url: str, path: str) -> None:
     """Into a temporary file beside `path`, renamed into place once complete; on failure nothing is left behind (not
     even a cache folder this call created)."""
     folder = os.path.dirname(path) or "."
-    created = not os.path.isdir(folder)
-    os.makedirs(folder, exist_ok=True)
+    check_writable_folder(folder, "the dataset cache ($D4RL_DATASET_DIR)")
+    created = make_folders(folder)
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".part")
     total = done = 0
     try:
@@ -464,6 +514,9 @@ def download(url: str, path: str) -> None:
                     bar.update(len(chunk))
         if total and done != total:
             raise http.client.IncompleteRead(b"", total - done)  # the server closed the connection early
+        if not h5py.is_hdf5(tmp):  # e.g. an HTML error page sent with status 200: it never enters the cache
+            raise SMACError(f"{url} did not send an HDF5 file ({done} bytes; nothing was kept); check the URL or "
+                            "give a local file: --dataset-path")
         os.replace(tmp, path)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         closed = isinstance(e, http.client.IncompleteRead)
@@ -473,27 +526,36 @@ def download(url: str, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if created and not os.listdir(folder):
-            os.rmdir(folder)
+        remove_empty_folders(created, folder)
 
 
 def read_d4rl_file(name: str, path: Optional[str]):
     """The D4RL-format HDF5 file (without a path, downloaded into $D4RL_DATASET_DIR, default ~/.d4rl/datasets):
     (data, where it came from)."""
-    if path is None:
+    cached = path is None
+    if cached:
         cache = os.environ.get("D4RL_DATASET_DIR", os.path.expanduser("~/.d4rl/datasets"))
         path = os.path.join(cache, os.path.basename(dataset_url(name)))
         if not os.path.exists(path):
             download(dataset_url(name), path)
+    if os.path.isdir(path):
+        raise SMACError(f"dataset file {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise SMACError(f"dataset file {path} does not exist")
+    fix = "; delete it and it is downloaded again" if cached else ""
     try:
         with h5py.File(path, "r") as f:
             if missing := [k for k in DATASET_KEYS if k not in f]:
-                raise SMACError(f"{path} lacks the D4RL key(s) {missing}")
-            return {k: f[k][()] for k in DATASET_KEYS}, path
+                raise SMACError(f"{path} lacks the D4RL key(s) {missing}{fix}")
+            data = {k: f[k][()] for k in DATASET_KEYS}
     except OSError as e:
-        raise SMACError(f"cannot read {path} as HDF5: {e}") from e
+        raise SMACError(f"cannot read {path} as HDF5 ({e}){fix}") from e
+    for key in ("rewards", "terminals", "timeouts"):  # (N,) in D4RL; (N, 1) in many converted files
+        if data[key].ndim == 2 and data[key].shape[1] == 1:
+            data[key] = data[key][:, 0]
+        elif data[key].ndim != 1:
+            raise SMACError(f"{path}: {key} has shape {data[key].shape}, D4RL's layout is (N,)")
+    return data, path
 
 
 def read_minari(name: str):
@@ -539,7 +601,7 @@ def load_dataset(name: str, path: Optional[str]) -> dict:
     for key, dim in (("observations", obs_dim), ("next_observations", obs_dim), ("actions", act_dim)):
         if data[key].ndim != 2 or data[key].shape[1] != dim:
             raise SMACError(f"{path}: {key} has shape {data[key].shape}, the env {env.spec.id} needs (N, {dim})")
-    for key in ("observations", "actions", "rewards", "next_observations"):
+    for key in DATASET_KEYS:
         if not np.isfinite(data[key]).all():
             raise SMACError(f"{path}: {key} contains NaN or inf values")
     if (outside := np.abs(data["actions"]) > 1.0).any():
@@ -644,9 +706,11 @@ class RunLog:
     a GPU every step); SPS leaves the evaluations out."""
 
     def __init__(self, args, env_name: str):
+        global current_run
         self.run_name = f"{env_name.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         self.dir = os.path.join(args.run_dir, self.run_name)
-        os.makedirs(self.dir, exist_ok=True)
+        self.created = make_folders(self.dir)  # removed again if the run fails before its first evaluation
+        current_run = self
         if args.track:
             import wandb
 
@@ -657,16 +721,24 @@ class RunLog:
         self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         self.start_time, self.eval_seconds = time.time(), 0.0
 
+    def discard_if_unused(self) -> None:
+        """After a failure: the run folder goes if no evaluation was written (it holds only TensorBoard's file)."""
+        self.writer.close()
+        if os.path.isdir(self.dir) and not os.path.exists(os.path.join(self.dir, "metrics.csv")):
+            shutil.rmtree(self.dir)
+            remove_empty_folders(self.created, os.path.dirname(self.dir))
+
     def sps(self, step: int) -> int:
         return int(step / (time.time() - self.start_time - self.eval_seconds))
 
-    def losses(self, phase: str, step: int, **losses) -> None:
-        if step % LOG_FREQ != 0:
+    def losses(self, phase: str, step: int, total: int, **losses) -> None:
+        """At every LOG_FREQ-th step and the phase's last (total-th): NaN checks, TensorBoard, a printed line."""
+        if step % LOG_FREQ != 0 and step != total:
             return
         for name, value in losses.items():
             if not torch.isfinite(torch.as_tensor(value)).all():
                 raise SMACError(f"the {name} became {torch.as_tensor(value).mean().item()} by {phase} step {step}; "
-                                "the last good checkpoint is kept")
+                                f"the last good checkpoint is kept: {last_checkpoint or 'none was written'}")
         scalars = {**{k: torch.as_tensor(v).mean().item() for k, v in losses.items()}, "SPS": self.sps(step)}
         for name, value in scalars.items():
             self.writer.add_scalar(f"{phase}/{name}", value, step)
@@ -675,13 +747,15 @@ class RunLog:
     def evaluation(self, step_name: str, step: int, actor: Actor, env: gym.Env, episodes: int, task: dict,
                    **metrics) -> dict:
         """Mean normalized score of deterministic episodes; a row of metrics.csv with `metrics`, in TensorBoard."""
+        check_finite_weights(f"{step_name} {step}", actor)  # a NaN policy is never evaluated, nor its score reported
         start, device = time.time(), next(actor.parameters()).device
         score = float(np.mean([normalized_score(task, r) for r in evaluate(actor, env, episodes, device)]))
         row = {step_name: step, "normalized_score": score, **metrics}
         for name, value in row.items():
             if isinstance(value, float):
                 self.writer.add_scalar(f"eval/{name}", value, step)
-        print("eval " + " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, (int, float))), flush=True)
+        shown = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not math.isnan(v)}  # nan: n/a
+        print("eval " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
         append_csv(os.path.join(self.dir, "metrics.csv"), row)
         self.eval_seconds += time.time() - start
         return row
@@ -700,13 +774,24 @@ def cpu_state(net: nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
 
+def check_finite_weights(when: str, *nets: nn.Module) -> None:
+    if not all(torch.isfinite(p).all() for net in nets for p in net.parameters()):
+        raise SMACError(f"the weights became non-finite (NaN or inf) by {when}; the last good checkpoint is kept: "
+                        f"{last_checkpoint or 'none was written'}")
+
+
 def save_checkpoint(path: str, actor, critic, target_critic, **content) -> None:
-    """Weights and what the fine-tuners need, saved to a temporary file and renamed: never seen half-written."""
+    """Weights and what the fine-tuners need, serialized in memory, written to a temporary file and renamed: never
+    seen half-written, never non-finite."""
     global last_checkpoint
+    check_finite_weights(f"the checkpoint {path}", actor, critic, target_critic)
     state = {"actor": cpu_state(actor), "critic": cpu_state(critic), "target_critic": cpu_state(target_critic)}
-    tmp = f"{path}.tmp{os.getpid()}"
+    payload = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, **state, **content}, payload)
+    tmp = f"{path}.tmp{os.getpid()}"  # only a SIGKILL during the write itself can leave it behind
     try:
-        torch.save({"format": CHECKPOINT_FORMAT, **state, **content}, tmp)
+        with open(tmp, "wb") as f:
+            f.write(payload.getbuffer())
         os.replace(tmp, path)
         last_checkpoint = path
     finally:  # interrupted mid-write: the old checkpoint stays, the partial one goes
@@ -716,12 +801,15 @@ def save_checkpoint(path: str, actor, critic, target_critic, **content) -> None:
 
 def load_checkpoint(path: str, device: torch.device):
     """Checkpoint dict and its actor, critic and target critic; weights_only=True: loading runs no code."""
+    if os.path.isdir(path):
+        raise SMACError(f"checkpoint {path} is a folder, not a file")
     if not os.path.isfile(path):
         raise SMACError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt files and for pickled code
-        raise SMACError(f"cannot read {path} as a SMAC checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+    except Exception as e:  # torch raises several types for corrupt files and for pickled code; its message
+        raise SMACError(f"cannot read {path} as a SMAC checkpoint: it is not a weights-only torch file "  # advises an
+                        f"({type(e).__name__})") from e  # unsafe weights_only=False: never shown
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SMACError(f"{path} is not a SMAC checkpoint (no format {CHECKPOINT_FORMAT!r})")
     if missing := [k for k in CHECKPOINT_KEYS if k not in ckpt]:
@@ -781,8 +869,11 @@ def transfer_metrics(evals: list, train_scores: list, drop_window: int) -> dict:
     drop   = max(0, step-0 score - lowest evaluation within drop_window updates)
     regret = mean over online training episodes of (1 - normalized return / 100)   (as Cal-QL and CORL)"""
     start, lowest = evals[0][1], min(score for updates, score in evals if updates <= drop_window)
+    if not all(math.isfinite(score) for _, score in evals):  # min() would skip a NaN: never a finite drop from one
+        start = lowest = math.nan
     regret = float(np.mean([1.0 - s / 100.0 for s in train_scores])) if train_scores else math.nan
-    return {"step0_score": start, "lowest_early_score": lowest, "drop": max(0.0, start - lowest), "regret": regret,
+    drop = start - lowest if math.isnan(start) else max(0.0, start - lowest)
+    return {"step0_score": start, "lowest_early_score": lowest, "drop": drop, "regret": regret,
             "final_score": evals[-1][1], "train_episodes": len(train_scores)}
 
 
@@ -795,8 +886,11 @@ class OnlineRun:
 
     def __init__(self, args, device: torch.device):
         check_flags(args)
-        if args.eval_freq < 1 or args.total_timesteps <= args.learning_starts:
-            raise SMACError("--eval-freq must be >= 1 and --learning-starts smaller than --total-timesteps")
+        if args.eval_freq < 1:
+            raise SMACError(f"--eval-freq must be >= 1 online steps, got {args.eval_freq}")
+        if args.total_timesteps <= args.learning_starts:
+            raise SMACError(f"--learning-starts ({args.learning_starts}) must be smaller than --total-timesteps "
+                            f"({args.total_timesteps}): no update would happen")
         self.ckpt, self.actor, self.critic, self.target_critic = load_checkpoint(args.checkpoint, device)
         self.args, self.device, self.task = args, device, self.ckpt["task"]
         obs_mean, obs_std = self.ckpt["obs_mean"].numpy(), self.ckpt["obs_std"].numpy()
@@ -804,9 +898,6 @@ class OnlineRun:
         if self.env.observation_space.shape != obs_mean.shape:
             raise SMACError(f"{args.checkpoint}: its observation statistics have shape {obs_mean.shape}, the env "
                             f"{self.env.spec.id} observes {self.env.observation_space.shape}")
-        self.log = RunLog(args, check_env_name(self.ckpt["env"]))
-        self.buffer = ReplayBuffer(min(args.buffer_size, args.total_timesteps), len(obs_mean),
-                                   self.env.action_space.shape[0], device)
         self.offline_actor, self.probe_obs = copy.deepcopy(self.actor), self.ckpt["probe_obs"].to(device)
         self.score_coef = self.ckpt["args"]["score_coef"] if args.score_coef is None else args.score_coef
         self.score_coef_final = self.score_coef if args.score_coef_final is None else args.score_coef_final
@@ -816,11 +907,14 @@ class OnlineRun:
         if args.offline_ratio > 0:  # the offline dataset, normalized as offline, shares each online minibatch
             data = load_dataset(self.ckpt["env"], self.ckpt["args"]["dataset_path"])
             self.offline_buffer = dataset_buffer(data, obs_mean, obs_std, device)
+        self.buffer = ReplayBuffer(min(args.buffer_size, args.total_timesteps), len(obs_mean),
+                                   self.env.action_space.shape[0], device)
+        self.log = RunLog(args, check_env_name(self.ckpt["env"]))  # after every check: a bad input writes nothing
         updates = args.total_timesteps - args.learning_starts
         self.drop_window = args.drop_window if args.drop_window is not None else max(5000, updates // 10)
         self.evals, self.kl, self.train_scores, self.new_returns, self.td_grad_norms = [], {}, [], [], []
         self.obs, _ = self.env.reset(seed=args.seed)
-        self.evaluate(0, self.ckpt["alpha"])  # the offline policy opens the curve
+        self.evaluate(0, None)  # the offline policy opens the curve
 
     def env_step(self, step: int, action: np.ndarray) -> None:
         next_obs, reward, terminated, truncated, info = self.env.step(action)
@@ -876,13 +970,17 @@ class OnlineRun:
         if len(self.td_grad_norms) < 10:
             self.td_grad_norms.append(torch.sqrt(sum((p.grad**2).sum() for p in self.critic.parameters())).item())
 
-    def end_step(self, step: int, alpha: float, **losses) -> None:
-        self.log.losses("online", step, **losses, alpha=alpha)
+    def end_step(self, step: int, alpha: Optional[float] = None, **losses) -> None:
+        """After each env step: the losses' log line once updates have begun, evaluations when due. alpha: SAC's
+        temperature (None for TD3, which has none)."""
+        if step > self.args.learning_starts:
+            self.log.losses("online", step, self.args.total_timesteps, **losses,
+                            **({} if alpha is None else {"alpha": alpha}))
         handover = step - self.args.learning_starts in HANDOVER_UPDATES
         if step % self.args.eval_freq == 0 or step == self.args.total_timesteps or handover:
             self.evaluate(step, alpha)
 
-    def evaluate(self, step: int, alpha: float) -> None:
+    def evaluate(self, step: int, alpha: Optional[float]) -> None:
         with torch.no_grad():
             kl = gaussian_kl(*self.offline_actor(self.probe_obs), *self.actor(self.probe_obs)).mean().item()
         updates = max(0, step - self.args.learning_starts)
@@ -893,7 +991,8 @@ class OnlineRun:
         self.evals.append((updates, row["normalized_score"]))
         self.kl[updates], self.new_returns = kl, []
         save_checkpoint(os.path.join(self.log.dir, "final.pt"), self.actor, self.critic, self.target_critic,
-                        **{k: self.ckpt[k] for k in CHECKPOINT_KEYS[3:] if k != "alpha"}, alpha=float(alpha),
+                        **{k: self.ckpt[k] for k in CHECKPOINT_KEYS[3:] if k != "alpha"}, step=step,
+                        alpha=float(self.ckpt["alpha"] if alpha is None else alpha),  # TD3 keeps the offline one
                         online_args=asdict(self.args))
 
     def finish(self) -> dict:
@@ -918,12 +1017,19 @@ def on_ctrl_c(signum, frame) -> None:
 def main(train_fn, args_class) -> None:
     """The command line of the three scripts: one clear line, no traceback, for bad input and for Ctrl-C."""
     signal.signal(signal.SIGINT, on_ctrl_c)
+    signal.signal(signal.SIGTERM, on_ctrl_c)  # what Slurm and other schedulers send before they kill a job
     try:
         train_fn(tyro.cli(args_class))
-    except SMACError as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        sys.exit(f"\ninterrupted; the last checkpoint is kept: {last_checkpoint or 'none was written yet'}")
+    except (SMACError, KeyboardInterrupt, MemoryError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "memory" not in str(e):
+            raise  # a bug: its traceback is the useful report
+        if current_run is not None:
+            current_run.discard_if_unused()
+        if isinstance(e, KeyboardInterrupt):
+            sys.exit(f"\ninterrupted; the last checkpoint is kept: {last_checkpoint or 'none was written yet'}")
+        if isinstance(e, SMACError):
+            sys.exit(f"error: {e}")
+        sys.exit(f"error: out of memory ({str(e).splitlines()[0][:200]}); try a smaller --batch-size or --hidden-dim")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def train(args: Args) -> dict:
                 actor_opt.step()
                 smac.soft_update(actor, target_actor, args.tau)
                 smac.soft_update(critic, target_critic, args.tau)
-        run.end_step(step, run.ckpt["alpha"], critic_loss=critic_loss, actor_loss=actor_loss)
+        run.end_step(step, critic_loss=critic_loss, actor_loss=actor_loss)
     return run.finish()
 
 

@@ -224,8 +224,10 @@ def test_bad_dataset_files_give_one_clear_error(tmp_path, change, message):
 
 
 def test_unknown_env_lists_the_valid_names():
-    with pytest.raises(smac.SMACError, match="Minari id such as mujoco/hopper/medium-v0.*hopper-medium-replay-v2"):
+    with pytest.raises(smac.SMACError, match="hopper.*medium-replay.*-v2 or a Minari id such as mujoco/hopper/medium-v0"
+                       ) as err:
         smac.check_env_name("hopper-mediun-v2")
+    assert len(str(err.value)) < 200  # one line a terminal shows whole
     assert smac.check_env_name("mujoco/hopper/medium-v0") == "mujoco/hopper/medium-v0"
 
 
@@ -659,7 +661,7 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path, module, make_bad, messag
 @pytest.mark.parametrize("flags, message", [
     (dict(total_timesteps=-5), "--total-timesteps must be >= 1"),
     (dict(total_timesteps=0), "--total-timesteps must be >= 1"),
-    (dict(total_timesteps=100), "--learning-starts smaller than --total-timesteps"),
+    (dict(total_timesteps=100), r"--learning-starts \(100\) must be smaller than --total-timesteps \(100\)"),
     (dict(eval_freq=0), "--eval-freq must be >= 1"), (dict(batch_size=0), "--batch-size must be >= 1"),
     (dict(learning_starts=-5), "--learning-starts must be >= 1"), (dict(q_lr=float("inf")), "--q-lr"),
     (dict(score_coef=float("nan")), "--score-coef must be a finite number >= 0"),
