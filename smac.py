@@ -413,7 +413,8 @@ FLAG_RULES = {  # flag: (test, what it must be); each script checks the flags it
     **dict.fromkeys(("policy_lr", "q_lr", "alpha"), (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")),
     **dict.fromkeys(("score_coef", "score_scale_floor", "bc_coef", "exploration_noise", "policy_noise", "noise_clip"),
                     (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0")),
-    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"), "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"), "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"), "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "return_quantile": (lambda v: 0 <= v <= 1, "in [0, 1]"), "drop_window": (lambda v: v is None or v >= 0, ">= 0"),
     "score_coef_final": (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "score_release_updates": (lambda v: v >= 1, ">= 1"), "offline_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -443,11 +444,17 @@ def check_writable_folder(folder: str, what: str) -> None:
         raise SMACError(f"{what} {folder}: {existing} is not writable")
 
 
-def make_folders(folder: str) -> Optional[str]:
-    """os.makedirs that returns the top-most folder it created (None if it existed), so a failure can remove them."""
+def missing_top(folder: str) -> Optional[str]:
+    """The top-most folder that creating `folder` would create (None if it exists)."""
     top, parent = None, os.path.abspath(folder)
     while not os.path.exists(parent):
         top, parent = parent, os.path.dirname(parent)
+    return top
+
+
+def make_folders(folder: str) -> Optional[str]:
+    """os.makedirs that returns the top-most folder it created (None if it existed), so a failure can remove them."""
+    top = missing_top(folder)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
@@ -458,8 +465,9 @@ def make_folders(folder: str) -> Optional[str]:
 def remove_empty_folders(top: Optional[str], folder: str) -> None:
     """Removes `folder` and its parents up to `top` (a make_folders result) while they are empty."""
     folder = os.path.abspath(folder)
-    while top is not None and os.path.isdir(folder) and not os.listdir(folder):
-        os.rmdir(folder)
+    while top is not None and not (os.path.isdir(folder) and os.listdir(folder)):
+        if os.path.isdir(folder):
+            os.rmdir(folder)
         if folder == top:
             break
         folder = os.path.dirname(folder)
@@ -562,10 +570,23 @@ def read_minari(name: str):
     """A Minari dataset ($MINARI_DATASETS_PATH; minari downloads it when absent) as D4RL's flat arrays, its task."""
     import minari  # only Minari ids need it
 
+    root = os.path.abspath(os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets")))
+    top, existed = missing_top(root), {d for d, _, _ in os.walk(root)}
     try:
         dataset = minari.load_dataset(name, download=True)
         spec = dataset.recover_environment(eval_env=True).spec  # the env the dataset names for evaluation
     except Exception as e:  # minari raises several types for unknown ids, failed downloads and missing envs
+        for folder, _, _ in sorted(os.walk(root), reverse=True):  # the empty folders minari made on its way out
+            if folder not in existed and not os.listdir(folder):
+                os.rmdir(folder)
+        remove_empty_folders(top, root)
+        remote = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
+        if "huggingface_hub is not installed" in str(e):
+            raise SMACError(f"the Minari dataset {name} is not in {root}, and downloading it needs huggingface_hub: "
+                            "pip install 'minari[hf]'") from e
+        if "Couldn't find any version" in str(e) or "doesn't exist in the remote" in str(e):
+            raise SMACError(f"unknown Minari dataset {name}: it is neither in {root} ($MINARI_DATASETS_PATH) nor on "
+                            f"{remote} ($MINARI_REMOTE)") from e
         raise SMACError(f"cannot load the Minari dataset {name} ({type(e).__name__}: {str(e)[:300]})") from e
     meta, episodes = dataset.storage.metadata, list(dataset.iterate_episodes())
     if meta.get("ref_min_score") is None or meta.get("ref_max_score") is None:
@@ -706,7 +727,8 @@ class RunLog:
     a GPU every step); SPS leaves the evaluations out."""
 
     def __init__(self, args, env_name: str):
-        global current_run
+        global current_run, last_checkpoint
+        last_checkpoint = None  # a new run: an earlier run's checkpoint (same process) is not this one's
         self.run_name = f"{env_name.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
         self.dir = os.path.join(args.run_dir, self.run_name)
         self.created = make_folders(self.dir)  # removed again if the run fails before its first evaluation

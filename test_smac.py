@@ -7,11 +7,16 @@ import http.server
 import math
 import os
 import pty
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+
+import hashlib
+import json
+import urllib.parse
 
 import h5py
 import numpy as np
@@ -23,6 +28,7 @@ import torch.nn.functional as F
 import smac
 
 OBS_DIM, ACT_DIM = 11, 3  # Hopper-v4
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the real hub (a subprocess test points it at a local one)
 torch.set_num_threads(1)  # small networks: one thread is as fast, and immune to a busy machine's oversubscription
 pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date")  # v4 on purpose: the model of D4RL's v3 envs
 
@@ -289,6 +295,87 @@ def test_minari_problems_give_one_clear_error(tmp_path, minari_dataset):
         smac.load_dataset(name, str(tmp_path / "x.hdf5"))
     with pytest.raises(smac.SMACError, match="cannot load the Minari dataset mujoco/hopper/absent-v0"):
         smac.load_dataset("mujoco/hopper/absent-v0", None)
+
+
+class FakeHub(http.server.BaseHTTPRequestHandler):
+    """The few Hugging Face Hub routes that minari's download uses, serving dataset repos from server.root: the hub
+    client is pointed at it with $HF_ENDPOINT, minari with $MINARI_REMOTE=hf://farama-minari."""
+
+    def send(self, code, body=b"", headers=()):
+        self.send_response(code)
+        for key, value in [("Content-Length", str(len(body))), *headers]:
+            self.send_header(key, value)
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    def json(self, obj):
+        self.send(200, json.dumps(obj).encode(), [("Content-Type", "application/json")])
+
+    def do_HEAD(self):
+        self.do_GET()
+
+    def do_GET(self):
+        root, url, sha = self.server.root, urllib.parse.urlparse(self.path), "0" * 40
+        parts = url.path.strip("/").split("/")
+        repo = os.path.join(root, *parts[3:4]) if parts[:2] == ["api", "datasets"] else ""
+        files = [os.path.join(d, f) for d, _, names in os.walk(repo) for f in names] if repo else []
+        if parts == ["api", "datasets"]:  # list_datasets(author=..., search=...)
+            query = urllib.parse.parse_qs(url.query)
+            self.json([{"id": f"{query['author'][0]}/{r}", "_id": r, "private": False, "tags": []}
+                       for r in sorted(os.listdir(root)) if query.get("search", [""])[0] in r])
+        elif parts[4:5] == ["revision"]:  # snapshot_download: the repo's commit
+            self.json({"id": "/".join(parts[2:4]), "sha": sha, "siblings": []})
+        elif parts[4:5] == ["tree"]:  # ... and its files
+            self.json([{"type": "file", "path": os.path.relpath(f, repo), "size": os.path.getsize(f), "oid": sha}
+                       for f in files])
+        elif parts[0] == "datasets" and parts[3] == "resolve":  # /datasets/{author}/{repo}/resolve/{rev}/{path}
+            path = os.path.join(root, parts[2], *parts[5:])
+            if not os.path.isfile(path):
+                return self.send(404, b"", [("X-Error-Code", "EntryNotFound")])
+            body = open(path, "rb").read()
+            self.send(200, body, [("ETag", f'"{hashlib.sha1(body).hexdigest()}"'), ("X-Repo-Commit", sha)])
+        else:
+            self.send(404, b"", [("X-Error-Code", "RepoNotFound")])
+
+    def log_message(self, *args):
+        pass
+
+
+def test_minari_downloads_from_a_hub_unknown_ids_and_a_missing_extra_are_told_apart(tmp_path, minari_dataset):
+    """minari_dataset's folder becomes the hub's repo farama-minari/mujoco (with the namespace metadata an upload
+    writes); a fresh process with an empty $MINARI_DATASETS_PATH downloads it through minari and trains on it."""
+    name, _ = minari_dataset
+    hub_root = tmp_path / "hub"
+    shutil.copytree(tmp_path / "minari", hub_root)
+    namespace = json.loads((hub_root / "mujoco" / "namespace_metadata.json").read_text())
+    namespace.update(datasets=[name], namespaces=["mujoco/hopper"])
+    (hub_root / "mujoco" / "namespace_metadata.json").write_text(json.dumps(namespace))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    server.root = str(hub_root)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "0", "MINARI_REMOTE": "hf://farama-minari",
+           "MINARI_DATASETS_PATH": str(tmp_path / "home" / ".minari" / "ds"),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
+
+    def load(dataset_id, block_hub_client=False):
+        code = ("import sys, smac\n" + ("sys.modules['huggingface_hub'] = None\n" if block_hub_client else "") +
+                "try:\n    print(len(smac.load_dataset(sys.argv[1], None)['rewards']))\n"
+                "except smac.SMACError as e:\n    print('error:', e)")
+        return subprocess.run([sys.executable, "-c", code, dataset_id], capture_output=True, text=True, env=env,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=120).stdout.splitlines()[-1]
+
+    missing_extra = load(name, block_hub_client=True)
+    assert "downloading it needs huggingface_hub: pip install 'minari[hf]'" in missing_extra
+    unknown = load("mujoco/hopper/absent-v0")
+    assert "unknown Minari dataset mujoco/hopper/absent-v0" in unknown and "hf://farama-minari" in unknown
+    assert not (tmp_path / "home").exists()  # the failed loads left no empty dataset folders
+    transitions = str(sum(len(e.actions) for e in minari_dataset[1]))
+    assert load(name) == transitions  # downloaded, then read
+    assert (tmp_path / "home" / ".minari" / "ds" / "mujoco" / "hopper" / "tiny-v0" / "data" / "main_data.hdf5").exists()
+    server.shutdown()
+    assert load(name) == transitions  # from now on read from disk, with the hub gone
 
 
 class HalfThenClose(http.server.SimpleHTTPRequestHandler):
@@ -684,8 +771,9 @@ def test_checkpoints_with_bad_contents_give_one_clear_error(tmp_path, offline_ch
         sac_finetune.train(online_args(sac_finetune, tmp_path, str(tmp_path / "bad.pt")))
 
 
-def run_script(args, tmp_path, stop_when_exists=None, tty=False):
-    """Runs a script as a user would; with stop_when_exists, sends Ctrl-C (SIGINT) once that file appears."""
+def run_script(args, tmp_path, stop_when_exists=None, tty=False, stop_signal=signal.SIGINT):
+    """Runs a script as a user would; with stop_when_exists, sends Ctrl-C (SIGINT, or stop_signal) once that file
+    appears."""
     master, slave = pty.openpty() if tty else (None, None)
     proc = subprocess.Popen([sys.executable, *args], cwd=os.path.dirname(os.path.abspath(__file__)),
                             stdout=slave if tty else subprocess.PIPE, stderr=subprocess.PIPE,
@@ -695,7 +783,7 @@ def run_script(args, tmp_path, stop_when_exists=None, tty=False):
         deadline = time.time() + 120
         while not glob.glob(stop_when_exists) and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
     if tty:
         os.close(slave)
         chunks = []
@@ -755,3 +843,160 @@ def test_a_swallowed_ctrl_c_still_stops_the_training_loop_at_its_next_step(monke
                 except KeyboardInterrupt:
                     pass  # as Python does with an exception raised inside a __del__
     assert steps == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- set-up mistakes, faults and diverged runs
+def cli(module, argv, monkeypatch, capsys):
+    """Runs a script's command line in this process: (its error line or None, what it printed)."""
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        module.main(module.train, module.Args) if module is smac else smac.main(module.train, module.Args)
+        message = None
+    except SystemExit as e:
+        message = str(e.code)
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    return message, capsys.readouterr().out
+
+
+def offline_argv(tmp_path, **flags):
+    flags = {"env": "hopper-medium-v2", "dataset_path": write_hdf5(tmp_path / "d.hdf5"), "total_updates": 30,
+             "batch_size": 32, "hidden_dim": 32, "eval_episodes": 1, "score_model_updates": 10,
+             "run_dir": tmp_path / "runs", **flags}
+    return [x for k, v in flags.items() if v is not None for x in (f"--{k.replace('_', '-')}", str(v))] + ["--no-cuda"]
+
+
+def test_a_diverged_offline_run_never_writes_a_non_finite_checkpoint(tmp_path):
+    """lr 1e6: the weights are NaN within 50 updates, long before the first loss check at update 1000."""
+    with pytest.raises(smac.SMACError, match="non-finite .* by update 50; the last good checkpoint is kept: none"):
+        smac.train(small_args(tmp_path, write_hdf5(tmp_path / "d.hdf5"), q_lr=1e6, policy_lr=1e6,
+                              total_updates=200, eval_freq=50))
+    assert glob.glob(str(tmp_path / "runs" / "*" / "smac.pt")) == []
+    assert glob.glob(str(tmp_path / "runs" / "*" / "metrics.csv")) == []  # no NaN score reported either
+
+
+@pytest.mark.parametrize("module", [sac_finetune, td3_finetune])
+def test_a_diverged_fine_tune_stops_and_never_reports_a_finite_drop(tmp_path, offline_checkpoint, module):
+    with pytest.raises(smac.SMACError, match="non-finite"):
+        module.train(online_args(module, tmp_path, offline_checkpoint[0], q_lr=1e6, policy_lr=1e6))
+    assert glob.glob(str(tmp_path / "online" / "*" / "summary.csv")) == []
+    for final in glob.glob(str(tmp_path / "online" / "*" / "final.pt")):
+        smac.load_checkpoint(final, torch.device("cpu"))  # whatever was kept is finite
+    summary = smac.transfer_metrics([(0, 40.0), (100, math.nan), (200, 41.0)], [], drop_window=500)
+    assert math.isnan(summary["drop"]) and math.isnan(summary["step0_score"])  # min() would have skipped the NaN
+
+
+def test_dataset_faults_give_one_clear_error_or_a_word(tmp_path):
+    with pytest.raises(smac.SMACError, match="terminals contains NaN"):
+        smac.load_dataset("hopper-medium-v2", str(write_hdf5(tmp_path / "nan.hdf5", terminals=np.full(400, np.nan))))
+    with pytest.warns(UserWarning, match="holds 1 transitions, fewer than one minibatch"):
+        smac.train(small_args(tmp_path, write_hdf5(tmp_path / "one.hdf5", n=1), total_updates=2))
+    column = dict(rewards=np.ones((400, 1), np.float32), terminals=np.zeros((400, 1), bool))  # converted files
+    data = smac.load_dataset("hopper-medium-v2", str(write_hdf5(tmp_path / "col.hdf5", **column)))
+    assert data["rewards"].shape == (400,) and data["dones"].shape == (400,)
+    with pytest.raises(smac.SMACError, match=r"rewards has shape \(400, 2\)"):
+        smac.load_dataset("hopper-medium-v2", str(write_hdf5(tmp_path / "two.hdf5", rewards=np.ones((400, 2)))))
+    with pytest.raises(smac.SMACError, match="is a folder, not a file"):
+        smac.load_dataset("hopper-medium-v2", str(tmp_path))
+
+
+@pytest.mark.parametrize("module", [smac, sac_finetune, td3_finetune])
+def test_run_dirs_that_cannot_be_made_are_one_line_and_leave_nothing(tmp_path, offline_checkpoint, module,
+                                                                       monkeypatch, capsys):
+    (tmp_path / "afile").write_text("x")
+    for run_dir, message in ((tmp_path / "afile" / "sub", "which is a file"), ("/proc/x", "/proc/x")):
+        argv = offline_argv(tmp_path, run_dir=run_dir) if module is smac else [
+            "--checkpoint", offline_checkpoint[0], "--total-timesteps", 300, "--learning-starts", 100,
+            "--run-dir", run_dir, "--no-cuda"]
+        error, _ = cli(module, argv, monkeypatch, capsys)
+        assert error.startswith("error: ") and message in error and "\n" not in error
+
+
+def test_bad_seed_batch_and_cache_are_one_line(tmp_path, monkeypatch, capsys):
+    error, _ = cli(smac, offline_argv(tmp_path, seed=-1), monkeypatch, capsys)
+    assert error == "error: --seed must be in [0, 2**32 - 1], got -1"
+    error, _ = cli(smac, offline_argv(tmp_path, batch_size=2**42), monkeypatch, capsys)  # 32 TiB of indices
+    assert error.startswith("error: out of memory") and "--batch-size" in error
+    assert not (tmp_path / "runs").exists()  # the failed run's folder (only TensorBoard's file in it) is gone
+    monkeypatch.setenv("D4RL_DATASET_DIR", "/proc/x/cache")
+    error, _ = cli(smac, offline_argv(tmp_path, dataset_path=None), monkeypatch, capsys)
+    assert error.startswith("error: cannot create the folder /proc/x/cache")
+    for url, message in (("http://127.0.0.1:9/{foo}.hdf5", "only the placeholders {env} and {dataset}"),
+                         ("notaurl", "is not a URL")):
+        monkeypatch.setenv("D4RL_URL", url)
+        with pytest.raises(smac.SMACError, match=message):
+            smac.dataset_url("hopper-medium-v2")
+
+
+@pytest.mark.parametrize("http_server", ["whole"], indirect=True)
+def test_a_download_that_is_not_hdf5_never_enters_the_cache_and_a_bad_cached_file_is_named(tmp_path, http_server):
+    served, _ = http_server
+    (served / "hopper_medium-v2.hdf5").write_text("<html>mirror maintenance</html>")  # served with status 200
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "home" / ".d4rl" / "datasets"))
+    with pytest.raises(smac.SMACError, match="did not send an HDF5 file.*nothing was kept"):
+        smac.load_dataset("hopper-medium-v2", None)
+    assert not (tmp_path / "home").exists()  # nor the cache folders the download created
+    cached = tmp_path / "home" / ".d4rl" / "datasets" / "hopper_medium-v2.hdf5"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("garbage from an older download")
+    with pytest.raises(smac.SMACError, match=f"cannot read {cached} as HDF5.*delete it and it is downloaded again"):
+        smac.load_dataset("hopper-medium-v2", None)
+    monkeypatch.undo()
+
+
+def test_checkpoint_faults_and_messages(tmp_path, offline_checkpoint):
+    with pytest.raises(smac.SMACError, match="is a folder, not a file"):
+        sac_finetune.train(online_args(sac_finetune, tmp_path, str(tmp_path)))
+    path = tmp_path / "exploit.pt"
+    torch.save({"payload": Exploit()}, path)
+    with pytest.raises(smac.SMACError, match="not a weights-only torch file") as err:
+        smac.load_checkpoint(str(path), torch.device("cpu"))
+    assert "weights_only=False" not in str(err.value)  # torch's advice to load it unsafely is never shown
+    ckpt = torch.load(offline_checkpoint[0], weights_only=True)
+    result = sac_finetune.train(online_args(sac_finetune, tmp_path, offline_checkpoint[0]))
+    final = torch.load(os.path.join(result["run_dir"], "final.pt"), weights_only=True)
+    assert ckpt["update"] == 30 and final["step"] == 300  # each checkpoint says what it holds
+
+
+def test_a_checkpoint_is_on_disk_only_once_it_is_whole(tmp_path, monkeypatch):
+    """A SIGKILL cannot be caught; what can be done is to keep the file's time on disk short: the checkpoint is
+    serialized in memory and only then written, so a kill during the (slow) serialization leaves nothing."""
+    seen, save = [], torch.save
+
+    def watching_save(obj, f, *a, **kw):
+        save(obj, f, *a, **kw)
+        seen.append(sorted(os.listdir(tmp_path)))  # serialized: is anything on disk yet?
+
+    monkeypatch.setattr(torch, "save", watching_save)
+    net = nn.Linear(2, 2)
+    smac.save_checkpoint(str(tmp_path / "smac.pt"), net, net, net)
+    assert seen == [[]] and os.listdir(tmp_path) == ["smac.pt"]
+
+
+def test_sigterm_stops_like_ctrl_c(tmp_path):
+    dataset = write_hdf5(tmp_path / "d.hdf5", n=600)
+    command = ["smac.py", *offline_argv(tmp_path, dataset_path=dataset, total_updates=100000, eval_freq=20)]
+    code, _, stderr = run_script(command, tmp_path, stop_when_exists=str(tmp_path / "runs" / "*" / "smac.pt"),
+                                 stop_signal=signal.SIGTERM)
+    (path,) = glob.glob(str(tmp_path / "runs" / "*" / "smac.pt"))
+    assert code == 1 and "Traceback" not in stderr and f"interrupted; the last checkpoint is kept: {path}" in stderr
+
+
+def test_logs_say_only_what_is_true(tmp_path, offline_checkpoint, monkeypatch, capsys):
+    _, printed = cli(smac, offline_argv(tmp_path, score_coef=0), monkeypatch, capsys)
+    assert "offline step=30 " in printed  # a run shorter than LOG_FREQ still prints its losses once
+    assert "score_residual_rel" not in printed and "nan" not in printed  # the baseline has no penalty to report
+    monkeypatch.setattr(smac, "LOG_FREQ", 50)
+    for module in (sac_finetune, td3_finetune):
+        _, printed = cli(module, ["--checkpoint", offline_checkpoint[0], "--total-timesteps", 300, "--learning-starts",
+                                  100, "--eval-episodes", 1, "--run-dir", tmp_path / "online", "--no-cuda"],
+                         monkeypatch, capsys)
+        online_lines = [line for line in printed.splitlines() if line.startswith("online step=")]
+        assert [line.split()[1] for line in online_lines] == ["step=150", "step=200", "step=250", "step=300"]
+        assert all(("alpha=" in line) == (module is sac_finetune) for line in online_lines)  # TD3 has no alpha
+    help_text = subprocess.run([sys.executable, "tools/run_experiment.py", "--help"], capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout
+    assert "--bc-coef" not in help_text  # a flag smac.py no longer has

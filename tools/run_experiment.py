@@ -60,7 +60,7 @@ class Args:
     eval_episodes: int = 10
     """evaluation episodes per point"""
     smac_flags: str = ""
-    """extra flags for smac.py, for both methods; write them with '=': --smac-flags='--bc-coef 5'"""
+    """extra flags for smac.py, for both methods; write them with '=': --smac-flags='--score-coef 1'"""
     finetune_flags: str = ""
     """extra flags for both fine-tuners"""
     engine: Literal["local", "slurm", "submitit-local"] = "local"
