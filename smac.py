@@ -394,6 +394,7 @@ MINARI_ID = re.compile(r"[\w.-]+(/[\w.-]+)+-v\d+")  # namespace/.../name-vN
 DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 LOG_FREQ = 1000  # updates (offline) or steps (online) between log lines
 HANDOVER_UPDATES = (100, 500, 1000)  # the fine-tuners' extra evaluations after the hand-over
+SCORE_BUDGETS = (10_000, 30_000)  # online env steps at which summary.csv reports the score (score_10k, score_30k)
 CHECKPOINT_FORMAT = "smac-checkpoint-v4"
 CHECKPOINT_KEYS = ("actor", "critic", "target_critic", "env", "task", "alpha", "obs_mean", "obs_std", "probe_obs",
                    "td_grad_norm", "args", "w_query", "score_model", "score_scale")
@@ -885,6 +886,13 @@ def released_score_coef(start: float, final: float, release_updates: int, update
     return start * (end / start) ** (update / release_updates)
 
 
+def budget_scores(step_scores: list, total_steps: int) -> dict:
+    """score_10k, score_30k: the last evaluation at or before that many online env steps (NaN if the run is shorter),
+    so runs of different lengths are compared at the same budget, never by their final score."""
+    return {f"score_{b // 1000}k": max((s, x) for s, x in step_scores if s <= b)[1] if total_steps >= b else math.nan
+            for b in SCORE_BUDGETS}
+
+
 def transfer_metrics(evals: list, train_scores: list, drop_window: int) -> dict:
     """evals: (updates since the hand-over, normalized score), step 0 first. drop is counted in updates from the
     step at which updates begin, so a fall the updates cause is always inside the window.
@@ -935,6 +943,7 @@ class OnlineRun:
         updates = args.total_timesteps - args.learning_starts
         self.drop_window = args.drop_window if args.drop_window is not None else max(5000, updates // 10)
         self.evals, self.kl, self.train_scores, self.new_returns, self.td_grad_norms = [], {}, [], [], []
+        self.step_scores = []  # (online env step, score) of each evaluation
         self.obs, _ = self.env.reset(seed=args.seed)
         self.evaluate(0, None)  # the offline policy opens the curve
 
@@ -1011,6 +1020,7 @@ class OnlineRun:
                                   updates=updates, kl_to_offline=kl, score_coef=float(self.kappa),
                                   train_episode_returns=returns)
         self.evals.append((updates, row["normalized_score"]))
+        self.step_scores.append((step, row["normalized_score"]))
         self.kl[updates], self.new_returns = kl, []
         save_checkpoint(os.path.join(self.log.dir, "final.pt"), self.actor, self.critic, self.target_critic,
                         **{k: self.ckpt[k] for k in CHECKPOINT_KEYS[3:] if k != "alpha"}, step=step,
@@ -1020,6 +1030,8 @@ class OnlineRun:
     def finish(self) -> dict:
         summary = transfer_metrics(self.evals, self.train_scores, self.drop_window)
         summary["td_grad_ratio"] = float(np.mean(self.td_grad_norms)) / self.ckpt["td_grad_norm"]
+        summary.update(online_steps=self.args.total_timesteps, **budget_scores(self.step_scores,
+                                                                             self.args.total_timesteps))
         summary.update({f"kl_{u}": self.kl.get(u, math.nan) for u in HANDOVER_UPDATES})
         append_csv(os.path.join(self.log.dir, "summary.csv"), summary)
         for key, value in summary.items():

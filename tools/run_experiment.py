@@ -1,13 +1,17 @@
-"""Transfer experiment: offline SMAC and its baseline, then online SAC and TD3 from every checkpoint.
+"""Transfer experiment: offline SMAC and its baseline, then online SAC and TD3 from every checkpoint; CORL's peers.
 
     python tools/run_experiment.py --name hopper-transfer \
-        --tasks hopper-medium-v2:../shared/datasets/hopper_medium-local.hdf5 --seeds 1 2 3
+        --tasks hopper-medium-v2:../shared/datasets/hopper_medium-local.hdf5 --seeds 1 2 3 \
+        --methods smac smac-anchor smac-plain baseline [--peers calql iql --corl-dir ~/CORL]
 
-For each task x method x seed it runs smac.py (method "smac": the defaults; "baseline": the same command with
---score-coef 0), then sac_finetune.py and td3_finetune.py from that checkpoint. Each run lives in its own fixed
-folder under --run-root with a result.json written when it finished; a repeated command skips those runs, so an
-interrupted sweep resumes. results/<name>/ gets summary.csv, table.md and one plot per task and fine-tuner.
-Engines: a local process pool (--workers), or Slurm through submitit (--engine slurm) with the same command line.
+For each task x seed it runs smac.py (offline method "smac": the defaults; "baseline": the same command with
+--score-coef 0), then sac_finetune.py and td3_finetune.py from that checkpoint, once per method that starts from it
+(METHODS: smac-anchor and smac-plain are SMAC's checkpoints fine-tuned with other online flags). Each peer (CORL's
+Cal-QL, IQL, SPOT, through tools/peers/run_peer.py) is one run, offline then its own online algorithm (finetuner
+"own"). Each run lives in its own fixed folder under --run-root with a result.json written when it finished; a
+repeated command skips those runs, so an interrupted sweep resumes. results/<name>/ gets summary.csv, table.md and
+one plot per task and fine-tuner. Engines: a local process pool (--workers), or Slurm through submitit
+(--engine slurm) with the same command line.
 """
 
 import csv
@@ -28,11 +32,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import smac  # noqa: E402
 
-METHOD_FLAGS = {"smac": [], "baseline": ["--score-coef", "0"]}  # the baseline is the same code without SMAC
+OFFLINE_FLAGS = {"smac": [], "baseline": ["--score-coef", "0"]}  # the baseline is the same code without SMAC
+METHODS = {  # method: (its offline run, the fine-tuners' flags for it)
+    "smac": ("smac", []),  # the defaults, offline and online
+    "smac-anchor": ("smac", ["--score-coef-final", "10"]),  # smac.py's kappa 10 kept online, never released
+    "smac-plain": ("smac", ["--score-coef", "0", "--score-coef-final", "0"]),  # plain SAC / TD3 online
+    "baseline": ("baseline", []),  # offline SAC without SMAC (kappa 0), then plain SAC / TD3
+}
 FINETUNERS = {"sac": "sac_finetune.py", "td3": "td3_finetune.py"}
+PEER_SCRIPT = os.path.join("tools", "peers", "run_peer.py")
 OFFLINE_DIAGNOSTICS = ["score_residual_rel", "score_cosine", "alpha_psi_mean", "sac_actor_grad_norm"]
-ONLINE_METRICS = ["step0_score", "lowest_early_score", "drop", "regret", "final_score", "td_grad_ratio", "kl_100",
-                  "kl_500", "kl_1000"]
+ONLINE_METRICS = ["step0_score", "lowest_early_score", "drop", "regret", "final_score", "online_steps", "score_10k",
+                  "score_30k", "td_grad_ratio", "kl_100", "kl_500", "kl_1000"]
 SUMMARY_COLUMNS = ["dataset", "env", "method", "finetuner", "seed", "offline_score", *ONLINE_METRICS,
                    *OFFLINE_DIAGNOSTICS]
 
@@ -45,8 +56,14 @@ class Args:
     """D4RL env name, optionally ':' and a local D4RL-format HDF5 (named in the results by its file name)"""
     seeds: List[int] = field(default_factory=lambda: [1, 2, 3])
     """seeds; each seeds the offline run and both fine-tuning runs"""
-    methods: List[Literal["smac", "baseline"]] = field(default_factory=lambda: ["smac", "baseline"])
-    """offline methods: smac.py's defaults, and the same with --score-coef 0"""
+    methods: List[Literal["smac", "smac-anchor", "smac-plain", "baseline"]] = field(
+        default_factory=lambda: ["smac", "baseline"])
+    """methods (METHODS): smac.py's defaults, the same with --score-coef 0 (baseline), SMAC's checkpoints fine-tuned
+    with kappa kept (smac-anchor) or plain (smac-plain)"""
+    peers: List[Literal["calql", "iql", "spot"]] = field(default_factory=list)
+    """CORL's offline-to-online scripts run on the same data, seeds and budget (needs --corl-dir)"""
+    corl_dir: Optional[str] = None
+    """a CORL checkout (github.com/corl-team/CORL), for --peers"""
     finetuners: List[Literal["sac", "td3"]] = field(default_factory=lambda: ["sac", "td3"])
     """online algorithms run from every offline checkpoint"""
     offline_updates: int = 50_000
@@ -112,6 +129,13 @@ def run_job(job: dict) -> dict:
         result = {"checkpoint": os.path.join(run_dir, "smac.pt"), "offline_score": float(rows[-1]["normalized_score"]),
                   "curve": [[int(r["update"]), float(r["normalized_score"])] for r in rows],
                   **{k: float(rows[-1][k]) for k in OFFLINE_DIAGNOSTICS}}
+    elif job["kind"] == "peer":  # offline then online in one run: both curves, the summary
+        with open(os.path.join(run_dir, "summary.csv")) as f:
+            (summary,) = list(csv.DictReader(f))
+        with open(os.path.join(run_dir, "offline_metrics.csv")) as f:
+            offline_curve = [[int(r["update"]), float(r["normalized_score"])] for r in csv.DictReader(f)]
+        result = {"checkpoint": None, "offline_curve": offline_curve, **{k: float(v) for k, v in summary.items()},
+                  "curve": [[int(r["step"]), float(r["normalized_score"])] for r in rows]}
     else:
         with open(os.path.join(run_dir, "summary.csv")) as f:
             (summary,) = list(csv.DictReader(f))
@@ -135,33 +159,46 @@ def read_result(job: dict) -> Optional[dict]:
 
 # ---------------------------------------------------------------- the sweep
 def plan(args: Args):
-    """Offline jobs, and for each the online jobs that need its checkpoint."""
-    offline_jobs = []
+    """Offline jobs (each followed by the online jobs that need its checkpoint) and peer jobs."""
+    jobs = []
+    offline_methods = [m for m in OFFLINE_FLAGS if any(METHODS[v][0] == m for v in args.methods)]
     for task in args.tasks:
         env, path, label = parse_task(task)
-        for seed in args.seeds:  # seed-major: a sweep stopped half-way has SMAC and baseline for the same seeds
-            for method in args.methods:
+        for seed in args.seeds:  # seed-major: a sweep stopped half-way has every method for the same seeds
+            for method in offline_methods:
                 argv = ["--env", env, "--seed", str(seed), "--total-updates", str(args.offline_updates),
                         "--eval-freq", str(args.offline_eval_freq), "--eval-episodes", str(args.eval_episodes),
-                        "--exp-name", f"{method}", *METHOD_FLAGS[method], *args.smac_flags.split()]
+                        "--exp-name", f"{method}", *OFFLINE_FLAGS[method], *args.smac_flags.split()]
                 if path:
                     argv += ["--dataset-path", path]
                 key = dict(dataset=label, env=env, method=method, seed=seed)
-                offline_jobs.append(dict(kind="offline", script="smac.py", argv=argv, key=key,
-                                         dir=os.path.join(args.run_root, args.name, label, method, f"seed{seed}",
-                                                          "offline"), threads=args.threads_per_run))
-    return offline_jobs
+                jobs.append(dict(kind="offline", script="smac.py", argv=argv, key=key,
+                                 dir=os.path.join(args.run_root, args.name, label, method, f"seed{seed}", "offline"),
+                                 threads=args.threads_per_run))
+            for peer in args.peers:
+                argv = ["--algo", peer, "--corl-dir", args.corl_dir or "", "--env", env, "--dataset-path", path or "",
+                        "--seed", str(seed), "--offline-updates", str(args.offline_updates), "--online-steps",
+                        str(args.online_steps), "--eval-freq", str(args.online_eval_freq), "--eval-episodes",
+                        str(args.eval_episodes)]
+                key = dict(dataset=label, env=env, method=peer, seed=seed, finetuner="own")
+                jobs.append(dict(kind="peer", script=PEER_SCRIPT, argv=argv, key=key,
+                                 dir=os.path.join(args.run_root, args.name, label, peer, f"seed{seed}", "peer"),
+                                 threads=args.threads_per_run))
+    return jobs
 
 
 def online_jobs_for(offline_job: dict, checkpoint: str, args: Args):
     jobs = []
-    for tuner in args.finetuners:
-        argv = ["--checkpoint", checkpoint, "--seed", str(offline_job["key"]["seed"]),
-                "--total-timesteps", str(args.online_steps), "--eval-freq", str(args.online_eval_freq),
-                "--eval-episodes", str(args.eval_episodes), *args.finetune_flags.split()]
-        key = {**offline_job["key"], "finetuner": tuner}
-        jobs.append(dict(kind="online", script=FINETUNERS[tuner], argv=argv, key=key,
-                         dir=os.path.join(os.path.dirname(offline_job["dir"]), tuner), threads=args.threads_per_run))
+    for method in [m for m in args.methods if METHODS[m][0] == offline_job["key"]["method"]]:
+        for tuner in args.finetuners:
+            argv = ["--checkpoint", checkpoint, "--seed", str(offline_job["key"]["seed"]),
+                    "--total-timesteps", str(args.online_steps), "--eval-freq", str(args.online_eval_freq),
+                    "--eval-episodes", str(args.eval_episodes), *METHODS[method][1], *args.finetune_flags.split()]
+            key = {**offline_job["key"], "method": method, "finetuner": tuner}
+            folder = tuner if method == offline_job["key"]["method"] else f"{tuner}-{method}"  # e.g. sac-smac-plain
+            jobs.append(dict(kind="online", script=FINETUNERS[tuner], argv=argv, key=key,
+                             dir=os.path.join(os.path.dirname(offline_job["dir"]), folder),
+                             threads=args.threads_per_run))
     return jobs
 
 
@@ -217,24 +254,27 @@ def run_sweep(args: Args) -> List[str]:
 
 # ---------------------------------------------------------------- summary, table and plots
 def finished_runs(args: Args):
-    """(offline job, offline result, {finetuner: online result}) for every finished offline run."""
+    """(key, offline curve, offline result, online result) for every finished online run and peer run."""
     for job in plan(args):
         result = read_result(job)
         if result is None:
             continue
-        online = {j["key"]["finetuner"]: read_result(j) for j in online_jobs_for(job, result["checkpoint"], args)}
-        yield job, result, {k: v for k, v in online.items() if v is not None}
+        if job["kind"] == "peer":
+            yield job["key"], result["offline_curve"], result, result
+            continue
+        for online_job in online_jobs_for(job, result["checkpoint"], args):
+            if (online := read_result(online_job)) is not None:
+                yield online_job["key"], result["curve"], result, online
 
 
 def collect(args: Args) -> List[dict]:
     out = os.path.join(args.results_dir, args.name)
     os.makedirs(out, exist_ok=True)
     rows = []
-    for job, offline, online in finished_runs(args):
-        for tuner, result in online.items():
-            rows.append({**job["key"], "finetuner": tuner, "offline_score": offline["offline_score"],
-                         **{k: offline.get(k, float("nan")) for k in OFFLINE_DIAGNOSTICS},
-                         **{k: result.get(k, float("nan")) for k in ONLINE_METRICS}})
+    for key, _, offline, result in finished_runs(args):
+        rows.append({**key, "offline_score": offline["offline_score"],
+                     **{k: offline.get(k, float("nan")) for k in OFFLINE_DIAGNOSTICS},
+                     **{k: result.get(k, float("nan")) for k in ONLINE_METRICS}})
     with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, SUMMARY_COLUMNS)
         writer.writeheader()
@@ -247,7 +287,8 @@ def collect(args: Args) -> List[dict]:
 
 def write_table(rows: List[dict], path: str) -> None:
     """Mean and std over seeds per dataset x fine-tuner x method, as a Markdown table."""
-    metrics = ["offline_score", "step0_score", "lowest_early_score", "drop", "regret", "final_score", "kl_1000"]
+    metrics = ["offline_score", "step0_score", "lowest_early_score", "drop", "regret", "final_score", "score_10k",
+               "score_30k", "kl_1000"]
     lines = ["| dataset | fine-tuner | method | seeds | " + " | ".join(metrics) + " |",
              "|---|---|---|---|" + "---|" * len(metrics)]
     groups = sorted({(r["dataset"], r["finetuner"], r["method"]) for r in rows})
@@ -271,32 +312,33 @@ def plot(args: Args, out: str) -> None:
     import matplotlib.pyplot as plt
 
     curves = {}  # (dataset, tuner, method) -> list of (steps, scores), one per seed
-    for job, offline, online in finished_runs(args):
-        offline_curve = np.array(offline["curve"], dtype=float).reshape(-1, 2)
-        for tuner, result in online.items():
-            online_curve = np.array(result["curve"], dtype=float)
-            online_curve[:, 0] += args.offline_updates  # online step 0 is the hand-over
-            curve = np.concatenate([offline_curve, online_curve[1:]])  # step 0 repeats the offline final score
-            key = (job["key"]["dataset"], tuner, job["key"]["method"])
-            curves.setdefault(key, []).append(curve)
-    colors = {"smac": "tab:blue", "baseline": "tab:orange"}
+    for key, offline_curve, _, result in finished_runs(args):
+        offline_curve = np.array(offline_curve, dtype=float).reshape(-1, 2)
+        online_curve = np.array(result["curve"], dtype=float)
+        online_curve[:, 0] += args.offline_updates  # online step 0 is the hand-over
+        curve = np.concatenate([offline_curve, online_curve[1:]])  # step 0 repeats the offline final score
+        for tuner in args.finetuners if key["finetuner"] == "own" else [key["finetuner"]]:  # a peer on every plot
+            curves.setdefault((key["dataset"], tuner, key["method"]), []).append(curve)
+    colors = {"smac": "tab:blue", "smac-anchor": "tab:cyan", "smac-plain": "tab:purple", "baseline": "tab:orange",
+              "calql": "tab:red", "iql": "tab:green", "spot": "tab:brown"}
     for dataset, tuner in sorted({k[:2] for k in curves}):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for method in args.methods:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for method in [*args.methods, *args.peers]:
             runs = curves.get((dataset, tuner, method), [])
             if not runs:
                 continue
             length = min(len(c) for c in runs)  # unfinished seeds are not plotted beyond their shortest common part
             steps, scores = runs[0][:length, 0], np.stack([c[:length, 1] for c in runs])
             mean, std = scores.mean(0), scores.std(0)
-            ax.plot(steps, mean, color=colors[method], label=f"{method} (n={len(runs)})")
+            label = f"{method}{' (own online)' if method in args.peers else ''} (n={len(runs)})"
+            ax.plot(steps, mean, color=colors[method], label=label)
             ax.fill_between(steps, mean - std, mean + std, color=colors[method], alpha=0.2)
         ax.axvline(args.offline_updates, color="black", linestyle="--", linewidth=1)
         ax.text(args.offline_updates, ax.get_ylim()[1], f" hand-over to {tuner.upper()}", va="top", fontsize=9)
         ax.set_xlabel("offline updates, then online environment steps")
         ax.set_ylabel("normalized score")
         ax.set_title(f"{dataset}: offline then online {tuner.upper()} (mean ± std over seeds)")
-        ax.legend(loc="lower right")
+        ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"{dataset}_{tuner}.png"), dpi=110)
         plt.close(fig)
@@ -304,7 +346,10 @@ def plot(args: Args, out: str) -> None:
 
 def main(args: Args) -> int:
     for task in args.tasks:
-        parse_task(task)
+        if not parse_task(task)[1] and args.peers:
+            raise smac.SMACError(f"task {task}: the peers read a local D4RL-format file; give env:path")
+    if args.peers and not (args.corl_dir and os.path.isdir(args.corl_dir)):
+        raise smac.SMACError(f"--peers needs --corl-dir, a CORL checkout (got {args.corl_dir!r})")
     failures = [] if args.collect_only else run_sweep(args)
     rows = collect(args)
     print(f"{len(rows)} finished online runs in {os.path.join(args.results_dir, args.name, 'summary.csv')}")

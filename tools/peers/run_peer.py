@@ -1,0 +1,141 @@
+"""Run a CORL offline-to-online script (Cal-QL, IQL or SPOT) on a local D4RL-format file, measured as SMAC is.
+
+    python tools/peers/run_peer.py --algo iql --corl-dir ~/CORL --env hopper-medium-replay-v2 \
+        --dataset-path ../shared/datasets/hopper_medium_replay-local.hdf5 --offline-updates 15000 --online-steps 30000
+
+CORL's script runs unchanged, as its authors wrote it, with CORL's defaults for everything but the budget, the seed
+and the evaluation schedule. What a fresh machine lacks is stood in for by tools/peers/shims/ (put first on its
+PYTHONPATH): `d4rl` reads the file through smac.py's reader, `gym` is the old API over gymnasium's v4 envs, `wandb`
+writes the evaluations and training episodes to a JSON-lines file. From that file this script writes the fine-tuners'
+metrics.csv and summary.csv, with drop, regret and the budget scores from smac.py's own functions: the step-0 score
+is CORL's evaluation at the end of its offline phase, and regret counts its online training episodes.
+Needs: pip install -r tools/requirements-peers.txt (pyrallis).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+import smac  # noqa: E402
+
+SHIMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shims")
+SCRIPTS = {"calql": "algorithms/finetune/cal_ql.py", "iql": "algorithms/finetune/iql.py",
+           "spot": "algorithms/finetune/spot.py"}
+
+
+@dataclass
+class Args:
+    algo: Literal["calql", "iql", "spot"]
+    """the CORL algorithm: Cal-QL, IQL (fine-tuned with AWR) or SPOT"""
+    corl_dir: str
+    """a checkout of github.com/corl-team/CORL (its algorithms/finetune/ scripts are run as they are)"""
+    dataset_path: str
+    """local D4RL-format HDF5 file"""
+    env: str = "hopper-medium-replay-v2"
+    """the D4RL name of the data (its env and reference returns)"""
+    seed: int = 1
+    """CORL's --seed"""
+    offline_updates: int = 15_000
+    """CORL's --offline_iterations"""
+    online_steps: int = 30_000
+    """CORL's --online_iterations: one env step and one update each"""
+    eval_freq: int = 1000
+    """evaluate every this many iterations (offline and online); must divide --offline-updates and --online-steps"""
+    eval_episodes: int = 5
+    """CORL's --n_episodes"""
+    drop_window: Optional[int] = None
+    """drop = step-0 score - lowest evaluation within this many updates; default max(5000, 10% of the updates)"""
+    run_dir: str = "runs"
+    """folder in which runs/{run_name}/ (log.txt, corl_log.jsonl, metrics.csv, offline_metrics.csv, summary.csv) goes"""
+    corl_flags: str = ""
+    """extra flags for CORL's script, e.g. '--cql_alpha_online 5' (the defaults are CORL's)"""
+
+
+def check(args: Args) -> str:
+    script = os.path.join(args.corl_dir, SCRIPTS[args.algo])
+    if not os.path.isfile(script):
+        raise smac.SMACError(f"--corl-dir {args.corl_dir}: no {SCRIPTS[args.algo]} there (a CORL checkout?)")
+    if not os.path.isfile(args.dataset_path):
+        raise smac.SMACError(f"--dataset-path {args.dataset_path} is not a file")
+    if args.env not in smac.D4RL_NAMES:
+        raise smac.SMACError(f"--env {args.env}: CORL's scripts take D4RL names ({smac.D4RL_NAMES[0]}, ...)")
+    if min(args.offline_updates, args.online_steps, args.eval_freq, args.eval_episodes) < 1:
+        raise smac.SMACError("--offline-updates, --online-steps, --eval-freq and --eval-episodes must be >= 1")
+    if args.offline_updates % args.eval_freq or args.online_steps % args.eval_freq:
+        raise smac.SMACError(f"--eval-freq {args.eval_freq} must divide --offline-updates {args.offline_updates} and "
+                             f"--online-steps {args.online_steps} (CORL evaluates every eval_freq iterations; the "
+                             "step-0 score is its evaluation at the end of the offline phase)")
+    smac.check_writable_folder(args.run_dir, "--run-dir")
+    return script
+
+
+def read_corl_log(path: str, offline_updates: int):
+    """CORL's evaluations split at the hand-over, [(offline update, score)] and [(online step, score)] with the
+    hand-over evaluation as online step 0, and the normalized returns of its online training episodes."""
+    offline, online, train_scores = [], [], []
+    with open(path) as f:
+        for entry in map(json.loads, f):
+            if "eval/d4rl_normalized_score" in entry:  # logged at step = updates so far (total_it)
+                step, score = int(entry["step"]), entry["eval/d4rl_normalized_score"]
+                (offline if step <= offline_updates else online).append((step, score))
+            if "train/d4rl_normalized_episode_return" in entry:
+                train_scores.append(entry["train/d4rl_normalized_episode_return"])
+    if not offline or offline[-1][0] != offline_updates:
+        raise smac.SMACError(f"{path}: no evaluation at the end of the offline phase (update {offline_updates})")
+    online = [(0, offline[-1][1])] + [(step - offline_updates, score) for step, score in online]
+    return offline, online, train_scores
+
+
+def main(args: Args) -> dict:
+    script = check(args)
+    run_name = f"{args.env}__{args.algo}__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join(args.run_dir, run_name)
+    os.makedirs(run_dir)
+    corl_log = os.path.join(run_dir, "corl_log.jsonl")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    command = [sys.executable, script, "--env", args.env, "--seed", str(args.seed),
+               "--offline_iterations", str(args.offline_updates), "--online_iterations", str(args.online_steps),
+               "--eval_freq", str(args.eval_freq), "--n_episodes", str(args.eval_episodes), "--device", device,
+               *args.corl_flags.split()]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SHIMS, ROOT, os.environ.get("PYTHONPATH", "")]),
+           "SMAC_PEER_DATASET": os.path.abspath(args.dataset_path), "SMAC_PEER_LOG": corl_log}
+    print(f"{run_name}: {' '.join(command)}", flush=True)
+    start = time.time()
+    with open(os.path.join(run_dir, "log.txt"), "w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=args.corl_dir).returncode
+    if code != 0:
+        raise smac.SMACError(f"CORL's {SCRIPTS[args.algo]} failed (exit {code}); see {run_dir}/log.txt")
+    seconds = time.time() - start
+
+    offline, online, train_scores = read_corl_log(corl_log, args.offline_updates)
+    for update, score in offline:
+        smac.append_csv(os.path.join(run_dir, "offline_metrics.csv"), {"update": update, "normalized_score": score})
+    for step, score in online:  # CORL: one update per env step from the first, so step = updates since hand-over
+        smac.append_csv(os.path.join(run_dir, "metrics.csv"), {"step": step, "normalized_score": score,
+                                                                "updates": step})
+    window = args.drop_window if args.drop_window is not None else max(5000, args.online_steps // 10)
+    summary = smac.transfer_metrics(online, train_scores, window)
+    summary.update(online_steps=args.online_steps, **smac.budget_scores(online, args.online_steps),
+                   td_grad_ratio=math.nan, **{f"kl_{u}": math.nan for u in smac.HANDOVER_UPDATES},
+                   offline_score=offline[-1][1],
+                   updates_per_second=(args.offline_updates + args.online_steps) / seconds)
+    smac.append_csv(os.path.join(run_dir, "summary.csv"), summary)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return {"run_dir": run_dir, **summary}
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except smac.SMACError as e:
+        sys.exit(f"error: {e}")
