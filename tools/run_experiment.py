@@ -350,6 +350,9 @@ def main(args: Args) -> int:
             raise smac.SMACError(f"task {task}: the peers read a local D4RL-format file; give env:path")
     if args.peers and not (args.corl_dir and os.path.isdir(args.corl_dir)):
         raise smac.SMACError(f"--peers needs --corl-dir, a CORL checkout (got {args.corl_dir!r})")
+    if args.peers and (args.offline_updates % args.online_eval_freq or args.online_steps % args.online_eval_freq):
+        raise smac.SMACError(f"--peers: --online-eval-freq {args.online_eval_freq} must divide --offline-updates and "
+                             "--online-steps (CORL evaluates every eval_freq iterations, offline and online)")
     failures = [] if args.collect_only else run_sweep(args)
     rows = collect(args)
     print(f"{len(rows)} finished online runs in {os.path.join(args.results_dir, args.name, 'summary.csv')}")

@@ -1,0 +1,154 @@
+"""The peers' stand-ins and runner, without CORL: a small script makes the calls CORL's finetune scripts make."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [TOOLS, os.path.dirname(TOOLS)]
+import run_experiment  # noqa: E402
+from peers import run_peer  # noqa: E402
+from test_smac import write_hdf5  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date")
+
+# What CORL's algorithms/finetune/iql.py and cal_ql.py call, in the same order, with a made-up learner whose
+# evaluation scores are known: offline 10, 20, ...; online the hand-over score minus 5 per evaluation, then up.
+STAND_IN = textwrap.dedent('''
+    import argparse
+    import d4rl
+    import gym
+    import numpy as np
+    import wandb
+
+    parser = argparse.ArgumentParser()  # CORL parses these with pyrallis
+    for flag in ("env", "device"):
+        parser.add_argument(f"--{flag}")
+    for flag in ("seed", "offline_iterations", "online_iterations", "eval_freq", "n_episodes"):
+        parser.add_argument(f"--{flag}", type=int)
+    config = parser.parse_args()
+    env, eval_env = gym.make(config.env), gym.make(config.env)
+    max_steps = env._max_episode_steps
+    dataset = d4rl.qlearning_dataset(env)
+    mean, std = dataset["observations"].mean(0), dataset["observations"].std(0) + 1e-3
+    env = gym.wrappers.TransformObservation(env, lambda s: (s - mean) / std)
+    env = gym.wrappers.TransformReward(env, lambda r: r)
+    eval_env = gym.wrappers.TransformObservation(eval_env, lambda s: (s - mean) / std)
+    env.seed(config.seed)
+    eval_env.seed(0)
+    wandb.init(config=vars(config), project="CORL", group="stand-in", name="stand-in", id="x")
+    wandb.run.save()
+    state, done, episode_return, episode_step, evals = env.reset(), False, 0.0, 0, 0
+    assert state.shape == env.observation_space.shape and abs(float(state.mean())) < 10
+    for t in range(config.offline_iterations + config.online_iterations):
+        online_log = {}
+        if t >= config.offline_iterations:
+            episode_step += 1
+            state, reward, done, info = env.step(np.zeros(env.action_space.shape))
+            episode_return += reward
+            if done:
+                online_log["train/d4rl_normalized_episode_return"] = 100 * eval_env.get_normalized_score(
+                    episode_return)
+                state, done, episode_return, episode_step = env.reset(), False, 0.0, 0
+        wandb.log({"loss": 1.0, **online_log}, step=t + 1)
+        if (t + 1) % config.eval_freq == 0:
+            evals += 1
+            offline_evals = config.offline_iterations // config.eval_freq
+            score = 10.0 * evals if evals <= offline_evals else 10.0 * offline_evals - 5.0 * (evals - offline_evals)
+            wandb.log({"eval/d4rl_normalized_score": score}, step=t + 1)
+''')
+
+
+@pytest.fixture
+def corl_dir(tmp_path):
+    folder = tmp_path / "corl" / "algorithms" / "finetune"
+    folder.mkdir(parents=True)
+    for script in ("iql.py", "cal_ql.py"):
+        (folder / script).write_text(STAND_IN)
+    return tmp_path / "corl"
+
+
+def test_the_stand_ins_give_the_old_gym_api_and_smacs_data(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(run_peer.SHIMS)
+    dataset = write_hdf5(tmp_path / "d.hdf5")
+    monkeypatch.setenv("SMAC_PEER_DATASET", str(dataset))
+    monkeypatch.setenv("SMAC_PEER_LOG", str(tmp_path / "log.jsonl"))
+    import d4rl
+    import gym
+    import wandb
+
+    env = gym.make("hopper-medium-v2")
+    data = d4rl.qlearning_dataset(env)
+    smac_data = run_peer.smac.load_dataset("hopper-medium-v2", str(dataset))
+    np.testing.assert_array_equal(data["observations"], smac_data["observations"])
+    np.testing.assert_array_equal(data["terminals"], smac_data["dones"])  # the same transitions, timeouts included
+    env.seed(3)
+    first = env.reset()
+    env.seed(3)
+    np.testing.assert_array_equal(env.reset(), first)  # seed() seeds the next reset
+    obs, reward, done, info = env.step(np.zeros(3))
+    assert obs.shape == (11,) and isinstance(reward, float) and isinstance(done, bool)
+    assert env._max_episode_steps == 1000 and env.get_normalized_score(3234.3) == pytest.approx(1.0)
+    wrapped = gym.wrappers.TransformReward(gym.wrappers.TransformObservation(env, lambda s: s * 0), lambda r: 2 * r)
+    assert not wrapped.reset().any() and wrapped.get_normalized_score(-20.272305) == pytest.approx(0.0)
+    wandb.init(config={})
+    wandb.log({"loss": 1.0}, step=1)
+    wandb.log({"eval/d4rl_normalized_score": np.float32(5.0)}, step=2)
+    assert [json.loads(line) for line in open(tmp_path / "log.jsonl")] == [
+        {"step": 2, "eval/d4rl_normalized_score": 5.0}]  # losses are left out
+
+
+def test_a_peer_run_is_measured_with_smacs_metrics(tmp_path, corl_dir):
+    dataset = write_hdf5(tmp_path / "d.hdf5")
+    result = run_peer.main(run_peer.Args(algo="iql", corl_dir=str(corl_dir), dataset_path=str(dataset),
+                                         env="hopper-medium-v2", offline_updates=300, online_steps=500, eval_freq=100,
+                                         run_dir=str(tmp_path / "runs")))
+    with open(os.path.join(result["run_dir"], "metrics.csv")) as f:
+        rows = [(int(r["step"]), float(r["normalized_score"])) for r in csv.DictReader(f)]
+    assert rows == [(0, 30.0), (100, 25.0), (200, 20.0), (300, 15.0), (400, 10.0), (500, 5.0)]
+    assert result["step0_score"] == 30.0 and result["drop"] == 25.0 and result["final_score"] == 5.0
+    with open(os.path.join(result["run_dir"], "corl_log.jsonl")) as f:
+        train = [e["train/d4rl_normalized_episode_return"] for e in map(json.loads, f)
+                 if "train/d4rl_normalized_episode_return" in e]
+    assert len(train) > 0 and result["regret"] == pytest.approx(np.mean([1 - s / 100 for s in train]))
+    assert math.isnan(result["score_10k"]) and result["online_steps"] == 500  # a run shorter than the budget
+    with pytest.raises(run_peer.smac.SMACError, match="must divide"):
+        run_peer.main(run_peer.Args(algo="iql", corl_dir=str(corl_dir), dataset_path=str(dataset),
+                                    offline_updates=250, eval_freq=100))
+    with pytest.raises(run_peer.smac.SMACError, match="no algorithms/finetune/spot.py"):
+        run_peer.main(run_peer.Args(algo="spot", corl_dir=str(corl_dir), dataset_path=str(dataset)))
+    out = subprocess.run([sys.executable, "tools/peers/run_peer.py", "--algo", "iql", "--corl-dir", str(tmp_path),
+                          "--dataset-path", str(dataset)], capture_output=True, text=True, cwd=os.path.dirname(TOOLS))
+    assert out.returncode != 0 and out.stderr.startswith("error: --corl-dir") and "Traceback" not in out.stderr
+
+
+def test_the_runner_puts_peers_and_online_methods_beside_smac(tmp_path, corl_dir):
+    dataset = write_hdf5(tmp_path / "tiny-local.hdf5", n=600)
+    args = run_experiment.Args(
+        name="tiny", tasks=[f"hopper-medium-v2:{dataset}"], seeds=[1], offline_updates=100, online_steps=300,
+        offline_eval_freq=20, online_eval_freq=100, eval_episodes=1, workers=2, finetuners=["sac"],
+        methods=["smac", "smac-anchor", "smac-plain"], peers=["iql", "calql"], corl_dir=str(corl_dir),
+        smac_flags="--hidden-dim 32 --batch-size 32 --no-cuda --score-model-updates 20",
+        finetune_flags="--batch-size 32 --learning-starts 100 --no-cuda --score-release-updates 100 "
+                       "--score-coef-final 0.1",
+        results_dir=str(tmp_path / "results"), run_root=str(tmp_path / "runs"))
+    assert run_experiment.main(args) == 0
+    rows = {(r["method"], r["finetuner"]): r for r in csv.DictReader(open(tmp_path / "results" / "tiny" / "summary.csv"))}
+    assert set(rows) == {("smac", "sac"), ("smac-anchor", "sac"), ("smac-plain", "sac"), ("iql", "own"),
+                         ("calql", "own")}
+    assert rows["iql", "own"]["step0_score"] == rows["iql", "own"]["offline_score"] == "10.0000"
+    smac_rows = [rows[m, "sac"] for m in ("smac", "smac-anchor", "smac-plain")]
+    assert len({r["offline_score"] for r in smac_rows}) == 1  # one SMAC checkpoint, three online methods
+    assert len({r["final_score"] for r in smac_rows}) > 1
+    table = (tmp_path / "results" / "tiny" / "table.md").read_text()
+    assert "| tiny-local | own | iql | 1 |" in table and "score_30k" in table
+    assert (tmp_path / "results" / "tiny" / "tiny-local_sac.png").stat().st_size > 0
+    with pytest.raises(run_experiment.smac.SMACError, match="--peers needs --corl-dir"):
+        run_experiment.main(run_experiment.Args(**{**vars(args), "corl_dir": None}))
