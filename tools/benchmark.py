@@ -48,6 +48,10 @@ class Args:
     cleanrl_sac: Optional[str] = None
     """path of CleanRL's cleanrl/sac_continuous_action.py (cleanrl_utils/buffers.py beside it), to time its online
     steps against sac_finetune.py's, both updating from the first step"""
+    corl_dir: Optional[str] = None
+    """a CORL checkout: times its finetune/cal_ql.py and iql.py (tools/peers/run_peer.py) on the same data"""
+    peer_iterations: int = 500
+    """offline updates (and as many online steps) per peer measurement"""
     memory_transitions: int = 1_000_000
     """peak memory of smac.py on a generated dataset of this many transitions (D4RL medium-expert: ~2M for hopper,
     2M for halfcheetah; 0 skips)"""
@@ -156,6 +160,31 @@ def main(args: Args) -> None:
               "speed vs CleanRL |\n|---|---|---|---|")
         for name, values in online_sps.items():
             print(f"| {name} | {np.median(values):.0f} | {values} | {np.median(values) / cleanrl:.2f}x |")
+    if args.corl_dir:  # the peers' iterations: CORL does one env step per online update, so steps/s = iterations/s
+        peers = {f"CORL {algo}": [] for algo in ("iql", "calql")}
+        for _ in range(args.repeats):
+            for name in peers:
+                peers[name].append(round(peer_sps(name.split()[1], args, out), 1))
+        print("\n| CORL peer (offline update, or online env step + update) | iterations/s (median) | all |\n"
+              "|---|---|---|")
+        for name, values in peers.items():
+            print(f"| {name} | {np.median(values):.1f} | {values} |")
+
+
+def peer_sps(algo: str, args: Args, out: str) -> float:
+    """Iterations per second of a CORL peer (an offline update, or an online env step with its update), from two runs
+    of n and 2n iterations per phase, each evaluated once per phase (1 episode): their difference leaves out
+    start-up and evaluation."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from peers import run_peer
+
+    seconds = []
+    for n in (args.peer_iterations, 2 * args.peer_iterations):
+        start = time.time()
+        run_peer.main(run_peer.Args(algo=algo, corl_dir=args.corl_dir, dataset_path=args.dataset_path, env=args.env,
+                                    offline_updates=n, online_steps=n, eval_freq=n, eval_episodes=1, run_dir=out))
+        seconds.append(time.time() - start)
+    return 2 * args.peer_iterations / (seconds[1] - seconds[0])
 
 
 def cleanrl_sac_sps(path: str, args: Args, out: str) -> float:

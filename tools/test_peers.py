@@ -140,7 +140,8 @@ def test_the_runner_puts_peers_and_online_methods_beside_smac(tmp_path, corl_dir
                        "--score-coef-final 0.1",
         results_dir=str(tmp_path / "results"), run_root=str(tmp_path / "runs"))
     assert run_experiment.main(args) == 0
-    rows = {(r["method"], r["finetuner"]): r for r in csv.DictReader(open(tmp_path / "results" / "tiny" / "summary.csv"))}
+    with open(tmp_path / "results" / "tiny" / "summary.csv") as f:
+        rows = {(r["method"], r["finetuner"]): r for r in csv.DictReader(f)}
     assert set(rows) == {("smac", "sac"), ("smac-anchor", "sac"), ("smac-plain", "sac"), ("iql", "own"),
                          ("calql", "own")}
     assert rows["iql", "own"]["step0_score"] == rows["iql", "own"]["offline_score"] == "10.0000"
