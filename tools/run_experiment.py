@@ -221,6 +221,10 @@ def run_sweep(args: Args) -> List[str]:
 
     def schedule(job):
         result = read_result(job)
+        if result is not None and job["kind"] == "offline" and not os.path.isfile(result["checkpoint"]) and any(
+                read_result(j) is None for j in online_jobs_for(job, result["checkpoint"], args)):
+            print(f"checkpoint gone (a fresh clone?), made again: {job['dir']}")  # CPU runs are deterministic
+            result = None
         if result is not None:
             print(f"done already: {job['dir']}")
             return finished(job, result)

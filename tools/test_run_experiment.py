@@ -1,6 +1,7 @@
 """The experiment runner on a tiny sweep: two seeds, a few hundred steps, the local process pool."""
 
 import csv
+import glob
 import os
 import sys
 
@@ -65,6 +66,17 @@ def test_tiny_sweep_writes_summary_and_plots_resumes_and_reproduces(tmp_path, ca
     started = [line for line in capsys.readouterr().out.splitlines() if line.startswith("start:")]
     assert started == [f"start: {os.path.dirname(interrupted)}"]
     assert read_rows(out / "summary.csv") == rows  # CPU runs are deterministic
+
+    # a fresh clone keeps the committed result.json files but not the checkpoints: an offline run whose checkpoint
+    # is gone is made again only if one of its online runs is unfinished, and gives the same numbers
+    offline_dir = os.path.dirname(interrupted).replace(os.sep + "sac", os.sep + "offline")
+    for checkpoint in glob.glob(os.path.join(tmp_path, "runs", "**", "smac.pt"), recursive=True):
+        os.remove(checkpoint)
+    os.remove(interrupted)
+    assert run_experiment.main(args) == 0
+    started = [line for line in capsys.readouterr().out.splitlines() if line.startswith("start:")]
+    assert started == [f"start: {offline_dir}", f"start: {os.path.dirname(interrupted)}"]
+    assert read_rows(out / "summary.csv") == rows
 
     # the same seed in a fresh folder gives the same numbers
     again = tiny_args(tmp_path, dataset, seeds=[2], methods=["smac"], finetuners=["td3"],
