@@ -1,6 +1,8 @@
 """Side by side: the transfer metrics of several sweeps (summary.csv files of tools/run_experiment.py), mean ± std
 over seeds per dataset x fine-tuner x method, one row per sweep, and the per-fine-tuner targets of issue 12 (SMAC's
-mean drop, and its regret relative to the baseline's, over all datasets).
+mean drop, and its regret relative to the baseline's, over all datasets); for a sweep with smac-anchor rows, issue
+21's (no drop and a climb: SMAC's drop, its score at 30k against smac-anchor's and smac-plain's, its regret against
+every peer's on each dataset).
 
     python tools/compare_sweeps.py results/hopper-smac-15k/summary.csv results/hopper-smac-15k-warmup/summary.csv \
         --labels plain lr-warmup
@@ -71,7 +73,36 @@ def table(args: Args) -> str:
                      if ("smac", "regret") in mean and ("baseline", "regret") in mean else "-")
             lines.append(f"| {label} | {tuner} | {cell(('smac', 'drop'), '.2f')} | {cell(('baseline', 'drop'), '.2f')} "
                          f"| {cell(('smac', 'regret'), '.3f')} | {cell(('baseline', 'regret'), '.3f')} | {below} |")
+    for label, path in zip(labels, args.summaries):
+        lines += climb_targets(label, read(path))
     return "\n".join(lines)
+
+
+def climb_targets(label: str, rows: list) -> list:
+    """Issue 21, per fine-tuner over the sweep's datasets: SMAC's mean drop (<= 2), its mean score_30k against
+    smac-anchor's (>= 1.25x) and smac-plain's (>=), and per dataset its regret against the best peer's (lower)."""
+    if not any(r["method"] == "smac-anchor" for r in rows):
+        return []
+
+    def mean(metric, **match):
+        values = [float(r[metric]) for r in rows if all(r[k] == v for k, v in match.items())]
+        return float(np.mean(values)) if values else float("nan")
+
+    peers = sorted({r["method"] for r in rows if r["finetuner"] == "own"})
+    lines = ["", f"| sweep {label} | fine-tuner | SMAC drop | SMAC score_30k | anchor score_30k (x) | plain score_30k "
+             "| dataset: SMAC regret vs best peer's (below by) |", "|---|---|---|---|---|---|---|"]
+    for tuner in sorted({r["finetuner"] for r in rows} - {"own"}):
+        smac_30k, anchor_30k = mean("score_30k", method="smac", finetuner=tuner), mean(
+            "score_30k", method="smac-anchor", finetuner=tuner)
+        versus = []
+        for dataset in sorted({r["dataset"] for r in rows}):
+            regret = mean("regret", method="smac", finetuner=tuner, dataset=dataset)
+            best = min(((mean("regret", method=p, dataset=dataset), p) for p in peers), default=(float("nan"), "-"))
+            versus.append(f"{dataset}: {regret:.3f} vs {best[1]} {best[0]:.3f} ({100 * (1 - regret / best[0]):.0f}%)")
+        lines.append(f"| {label} | {tuner} | {mean('drop', method='smac', finetuner=tuner):.2f} | {smac_30k:.1f} | "
+                     f"{anchor_30k:.1f} ({smac_30k / anchor_30k:.2f}x) | "
+                     f"{mean('score_30k', method='smac-plain', finetuner=tuner):.1f} | {'; '.join(versus)} |")
+    return lines
 
 
 if __name__ == "__main__":

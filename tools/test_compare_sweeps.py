@@ -48,3 +48,21 @@ def test_a_sweep_without_baseline_runs_shows_dashes_not_nan(tmp_path):
     a = write_summary(tmp_path / "a" / "summary.csv", [row("smac", 1, 2.0, 0.5), row("smac", 2, 4.0, 0.7)])
     out = compare_sweeps.table(compare_sweeps.Args([a], metrics=["drop"]))
     assert "| a | sac | 3.00 | - | 0.600 | - | - |" in out and "nan" not in out
+
+
+def test_the_climb_targets_of_a_sweep_with_anchor_and_peer_rows(tmp_path):
+    path = tmp_path / "c" / "summary.csv"
+    os.makedirs(path.parent)
+    fields = ["dataset", "finetuner", "method", "seed", "drop", "regret", "score_30k"]
+    rows = [("d1", "sac", "smac", 1.0, 0.5, 60.0), ("d1", "sac", "smac-anchor", 0.0, 0.6, 40.0),
+            ("d1", "sac", "smac-plain", 9.0, 0.7, 50.0), ("d1", "own", "iql", 3.0, 0.8, 30.0),
+            ("d1", "own", "calql", 4.0, 0.625, 30.0), ("d2", "sac", "smac", 3.0, 0.3, 80.0),
+            ("d2", "sac", "smac-anchor", 0.0, 0.4, 40.0), ("d2", "sac", "smac-plain", 9.0, 0.5, 70.0),
+            ("d2", "own", "iql", 3.0, 0.6, 30.0), ("d2", "own", "calql", 4.0, 0.9, 30.0)]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        writer.writerows([(d, t, m, 1, drop, regret, s30) for d, t, m, drop, regret, s30 in rows])
+    out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop"]))
+    assert ("| c | sac | 2.00 | 70.0 | 40.0 (1.75x) | 60.0 | d1: 0.500 vs calql 0.625 (20%); "
+            "d2: 0.300 vs iql 0.600 (50%) |") in out
