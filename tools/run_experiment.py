@@ -8,10 +8,12 @@ For each task x seed it runs smac.py (offline method "smac": the defaults; "base
 --score-coef 0), then sac_finetune.py and td3_finetune.py from that checkpoint, once per method that starts from it
 (METHODS: smac-anchor and smac-plain are SMAC's checkpoints fine-tuned with other online flags). Each peer (CORL's
 Cal-QL, IQL, SPOT, through tools/peers/run_peer.py) is one run, offline then its own online algorithm (finetuner
-"own"). Each run lives in its own fixed folder under --run-root with a result.json written when it finished; a
-repeated command skips those runs, so an interrupted sweep resumes. results/<name>/ gets summary.csv, table.md and
-one plot per task and fine-tuner. Engines: a local process pool (--workers), or Slurm through submitit
-(--engine slurm) with the same command line.
+"own"). Each run lives in its own fixed folder under --run-root (checkpoints, logs: not committed); when it
+finishes, its result.json (curve and metrics, a few kB) goes to results/<name>/finished/ (committed). A repeated
+command skips the runs that have one, so an interrupted sweep resumes, also on a fresh clone (an offline run
+whose checkpoint is gone is made again, bitwise, when one of its online runs still has to run). results/<name>/
+gets summary.csv, table.md and one plot per task and fine-tuner. Engines: a local process pool (--workers), or
+Slurm through submitit (--engine slurm) with the same command line.
 """
 
 import csv
@@ -111,7 +113,7 @@ def parse_task(task: str):
 
 # ---------------------------------------------------------------- one run (executed in a worker or a Slurm job)
 def run_job(job: dict) -> dict:
-    """Run one script into job["dir"] and write job["dir"]/result.json; returns the result."""
+    """Run one script into job["dir"] and write job["result"] (result.json); returns the result."""
     out_dir = job["dir"]
     if os.path.isdir(out_dir):  # a run interrupted before result.json: start it again from nothing
         shutil.rmtree(out_dir)
@@ -142,15 +144,16 @@ def run_job(job: dict) -> dict:
         result = {"checkpoint": os.path.join(run_dir, "final.pt"),
                   "curve": [[int(r["step"]), float(r["normalized_score"])] for r in rows],
                   **{k: float(v) for k, v in summary.items()}}
-    tmp = os.path.join(out_dir, "result.json.tmp")
+    os.makedirs(os.path.dirname(job["result"]), exist_ok=True)
+    tmp = job["result"] + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, os.path.join(out_dir, "result.json"))
+        json.dump(result, f, indent=0)
+    os.replace(tmp, job["result"])
     return result
 
 
 def read_result(job: dict) -> Optional[dict]:
-    path = os.path.join(job["dir"], "result.json")
+    path = job["result"]
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -158,6 +161,12 @@ def read_result(job: dict) -> Optional[dict]:
 
 
 # ---------------------------------------------------------------- the sweep
+def locate(args: Args, *parts: str) -> dict:
+    """A run's folder under --run-root and its result.json under results/<name>/finished/, at the same relative path."""
+    return dict(parts=parts, dir=os.path.join(args.run_root, args.name, *parts),
+                result=os.path.join(args.results_dir, args.name, "finished", *parts, "result.json"))
+
+
 def plan(args: Args):
     """Offline jobs (each followed by the online jobs that need its checkpoint) and peer jobs."""
     jobs = []
@@ -172,18 +181,16 @@ def plan(args: Args):
                 if path:
                     argv += ["--dataset-path", path]
                 key = dict(dataset=label, env=env, method=method, seed=seed)
-                jobs.append(dict(kind="offline", script="smac.py", argv=argv, key=key,
-                                 dir=os.path.join(args.run_root, args.name, label, method, f"seed{seed}", "offline"),
-                                 threads=args.threads_per_run))
+                jobs.append(dict(kind="offline", script="smac.py", argv=argv, key=key, threads=args.threads_per_run,
+                                 **locate(args, label, method, f"seed{seed}", "offline")))
             for peer in args.peers:
                 argv = ["--algo", peer, "--corl-dir", args.corl_dir or "", "--env", env, "--dataset-path", path or "",
                         "--seed", str(seed), "--offline-updates", str(args.offline_updates), "--online-steps",
                         str(args.online_steps), "--eval-freq", str(args.online_eval_freq), "--eval-episodes",
                         str(args.eval_episodes)]
                 key = dict(dataset=label, env=env, method=peer, seed=seed, finetuner="own")
-                jobs.append(dict(kind="peer", script=PEER_SCRIPT, argv=argv, key=key,
-                                 dir=os.path.join(args.run_root, args.name, label, peer, f"seed{seed}", "peer"),
-                                 threads=args.threads_per_run))
+                jobs.append(dict(kind="peer", script=PEER_SCRIPT, argv=argv, key=key, threads=args.threads_per_run,
+                                 **locate(args, label, peer, f"seed{seed}", "peer")))
     return jobs
 
 
@@ -196,9 +203,8 @@ def online_jobs_for(offline_job: dict, checkpoint: str, args: Args):
                     "--eval-episodes", str(args.eval_episodes), *METHODS[method][1], *args.finetune_flags.split()]
             key = {**offline_job["key"], "method": method, "finetuner": tuner}
             folder = tuner if method == offline_job["key"]["method"] else f"{tuner}-{method}"  # e.g. sac-smac-plain
-            jobs.append(dict(kind="online", script=FINETUNERS[tuner], argv=argv, key=key,
-                             dir=os.path.join(os.path.dirname(offline_job["dir"]), folder),
-                             threads=args.threads_per_run))
+            jobs.append(dict(kind="online", script=FINETUNERS[tuner], argv=argv, key=key, threads=args.threads_per_run,
+                             **locate(args, *offline_job["parts"][:-1], folder)))
     return jobs
 
 

@@ -1,8 +1,8 @@
 """The experiment runner on a tiny sweep: two seeds, a few hundred steps, the local process pool."""
 
 import csv
-import glob
 import os
+import shutil
 import sys
 
 import pytest
@@ -51,31 +51,32 @@ def test_tiny_sweep_writes_summary_and_plots_resumes_and_reproduces(tmp_path, ca
     assert (out / "table.md").read_text().count("| tiny-local |") == 4
 
     # repeated command: nothing runs again, the summary is the same
-    stamps = {p: os.path.getmtime(p) for p in result_files(tmp_path / "runs")}
+    finished = tmp_path / "results" / "tiny" / "finished"  # result.json files, committed; run folders are not
+    stamps = {p: os.path.getmtime(p) for p in result_files(finished)}
     assert len(stamps) == 4 + 8
     capsys.readouterr()
     assert run_experiment.main(args) == 0
     assert "start:" not in capsys.readouterr().out
-    assert {p: os.path.getmtime(p) for p in result_files(tmp_path / "runs")} == stamps
+    assert {p: os.path.getmtime(p) for p in result_files(finished)} == stamps
     assert read_rows(out / "summary.csv") == rows
 
     # an interrupted run (no result.json) is run again, and only it
     interrupted = [p for p in stamps if os.sep + "sac" + os.sep in p][0]
+    interrupted_dir = os.path.dirname(interrupted).replace(str(finished), str(tmp_path / "runs" / "tiny"))
     os.remove(interrupted)
     assert run_experiment.main(args) == 0
     started = [line for line in capsys.readouterr().out.splitlines() if line.startswith("start:")]
-    assert started == [f"start: {os.path.dirname(interrupted)}"]
+    assert started == [f"start: {interrupted_dir}"]
     assert read_rows(out / "summary.csv") == rows  # CPU runs are deterministic
 
-    # a fresh clone keeps the committed result.json files but not the checkpoints: an offline run whose checkpoint
-    # is gone is made again only if one of its online runs is unfinished, and gives the same numbers
-    offline_dir = os.path.dirname(interrupted).replace(os.sep + "sac", os.sep + "offline")
-    for checkpoint in glob.glob(os.path.join(tmp_path, "runs", "**", "smac.pt"), recursive=True):
-        os.remove(checkpoint)
+    # a fresh clone has the committed result.json files but no run folders: an offline run is made again only if
+    # one of its online runs is unfinished, and gives the same numbers
+    shutil.rmtree(tmp_path / "runs")
     os.remove(interrupted)
     assert run_experiment.main(args) == 0
     started = [line for line in capsys.readouterr().out.splitlines() if line.startswith("start:")]
-    assert started == [f"start: {offline_dir}", f"start: {os.path.dirname(interrupted)}"]
+    assert started == [f"start: {interrupted_dir.replace(os.sep + 'sac', os.sep + 'offline')}",
+                       f"start: {interrupted_dir}"]
     assert read_rows(out / "summary.csv") == rows
 
     # the same seed in a fresh folder gives the same numbers
