@@ -3,8 +3,10 @@
     python sac_finetune.py --checkpoint runs/<run_name>/smac.pt
 
 The online phase is SAC (CleanRL's sac_continuous_action.py, acting with the loaded policy from the first step) whose
-critic loss keeps SMAC's penalty, kappa * L_SM with the checkpoint's frozen diffusion model: without it (plain SAC,
---score-coef 0) online TD rewrites the critic's action structure within 100 updates and the policy falls (README).
+critic loss keeps SMAC's penalty, kappa_t * L_SM with the checkpoint's frozen diffusion model: without it (plain SAC,
+--score-coef 0) online TD rewrites the critic's action structure within 100 updates and the policy falls; kept whole
+(--score-coef-final 10) it holds the policy where it started. So kappa_t is released, geometrically from the
+checkpoint's kappa to kappa / 100 over the first 15k updates (README).
 """
 
 import math
@@ -61,7 +63,8 @@ class Args:
     score_coef: Optional[float] = None
     """kappa of SMAC's penalty kept in the online critic loss; default the checkpoint's (0: plain online RL)"""
     score_coef_final: Optional[float] = None
-    """kappa after the release: kappa_t falls geometrically to it over --score-release-updates; default no release"""
+    """kappa after the release, to which kappa_t falls geometrically over --score-release-updates (default: kappa
+    / 100; = --score-coef: no release, the anchor kept)"""
     score_release_updates: int = 15_000
     """online updates over which kappa_t falls from --score-coef to --score-coef-final"""
     score_release_gate: bool = False

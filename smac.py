@@ -5,7 +5,8 @@ SMAC asks the offline critic to respect this with the DATASET's score, estimated
 model, and a learned state-dependent scale alpha_psi(s); the actor keeps SAC's own loss:
     L_Q = L_TD + kappa * sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) * grad_a log pi^D(a|s,w) ||^2
 with B(A) half policy samples, half uniform actions. Online SAC or TD3 then starts from a critic whose action-gradient
-already points where the data is; the fine-tuners keep kappa * L_SM in their critic loss (ours: without it, they fall).
+already points where the data is; the fine-tuners keep kappa_t * L_SM in their critic loss (ours: without it they
+fall), kappa_t released from kappa to kappa / 100 over the first 15k online updates (kept whole, it stops the climb).
 
     python smac.py --env hopper-medium-replay-v2 [--dataset-path file.hdf5]
     python sac_finetune.py --checkpoint runs/<run_name>/smac.pt      (or td3_finetune.py)
@@ -930,7 +931,8 @@ class OnlineRun:
                             f"{self.env.spec.id} observes {self.env.observation_space.shape}")
         self.offline_actor, self.probe_obs = copy.deepcopy(self.actor), self.ckpt["probe_obs"].to(device)
         self.score_coef = self.ckpt["args"]["score_coef"] if args.score_coef is None else args.score_coef
-        self.score_coef_final = self.score_coef if args.score_coef_final is None else args.score_coef_final
+        # released to kappa / 100 by default: kept whole, the anchor holds the policy where it started (dev log, s. 11)
+        self.score_coef_final = self.score_coef / 100 if args.score_coef_final is None else args.score_coef_final
         if max(self.score_coef, self.score_coef_final) > 0:  # SMAC's penalty kept online
             self.score_model, self.score_scale = load_score_nets(self.ckpt, args.checkpoint, device)
         self.offline_buffer, self.release_clock, self.kappa = None, 0, self.score_coef

@@ -67,7 +67,8 @@ class Args:
     score_coef: Optional[float] = None
     """kappa of SMAC's penalty kept in the online critic loss; default the checkpoint's (0: plain online RL)"""
     score_coef_final: Optional[float] = None
-    """kappa after the release: kappa_t falls geometrically to it over --score-release-updates; default no release"""
+    """kappa after the release, to which kappa_t falls geometrically over --score-release-updates (default: kappa
+    / 100; = --score-coef: no release, the anchor kept)"""
     score_release_updates: int = 15_000
     """online updates over which kappa_t falls from --score-coef to --score-coef-final"""
     score_release_gate: bool = False

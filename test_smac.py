@@ -620,6 +620,17 @@ def test_released_score_coef_falls_geometrically_to_the_final_kappa_and_then_sta
     assert smac.released_score_coef(0.0, 0.0, 1000, 10) == 0.0
 
 
+
+def test_the_default_release_ends_at_a_hundredth_of_the_checkpoints_kappa(tmp_path, offline_checkpoint):
+    run = smac.OnlineRun(online_args(sac_finetune, tmp_path, offline_checkpoint[0], eval_episodes=1),
+                         torch.device("cpu"))
+    assert (run.score_coef, run.score_coef_final, run.args.score_release_updates) == (10.0, 0.1, 15_000)
+    for flags, final in ((dict(score_coef=0.0), 0.0), (dict(score_coef_final=10.0), 10.0)):  # plain; the anchor
+        run = smac.OnlineRun(online_args(sac_finetune, tmp_path, offline_checkpoint[0], eval_episodes=1, **flags),
+                             torch.device("cpu"))
+        assert run.score_coef_final == final
+
+
 @pytest.mark.parametrize("module", [sac_finetune, td3_finetune])
 def test_a_release_to_zero_stops_computing_the_penalty(tmp_path, offline_checkpoint, module, monkeypatch):
     kappas = []
