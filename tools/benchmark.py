@@ -143,7 +143,7 @@ def main(args: Args) -> None:
     if args.online_steps:  # wall time of the whole online run, updates from the first step, two 1-episode evals
         ckpt = smac.train(smac.Args(**{**common, "total_updates": 200}))["run_dir"]
         online = {"sac_finetune.py --score-coef 0 (plain SAC)": 0.0,
-                  "sac_finetune.py (defaults: the penalty kept)": None}
+                  "sac_finetune.py (defaults: the penalty, released over 15k updates)": None}
         online_sps = {**{name: [] for name in online},
                       **({"CleanRL sac_continuous_action.py": []} if args.cleanrl_sac else {})}
         for _ in range(args.repeats):
