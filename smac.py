@@ -188,6 +188,17 @@ def score_matching_penalty(critic, score_scale, score_model, obs, mean, log_std,
     return score_matching_loss(score_matching_residual(critic, score_scale, score_model, obs, actions, w)[0])
 
 
+def released_score_coef(start: float, final: float, release_updates: int, update: int) -> float:
+    """kappa_t, the online weight of SMAC's penalty at the t-th update: geometric from the checkpoint's kappa to the
+    final one over release_updates, then the final one. A final 0 is approached as start / 1000, then switched off,
+    so the penalty's cost ends too. Geometric because the online behaviour changes with the order of kappa (10 holds
+    the offline policy, 1 lets it drift, 0.1 lets it climb; dev log, session 10)."""
+    if update >= release_updates or start in (0, final):  # from kappa 0 there is nothing to release
+        return final
+    end = max(final, start / 1000)
+    return start * (end / start) ** (update / release_updates)
+
+
 class ScoreModel(nn.Module):
     """eps_omega(s, a_k, w, k), a diffusion model of the dataset's actions in IDQL's style (a LayerNorm residual MLP),
     conditioned on a trajectory-level return w (Reinforcement via Supervision). After k of K noise steps an action a
@@ -874,17 +885,6 @@ def warm_up_lr(optimizers: dict, update: int, warmup: int) -> None:
     for optimizer, lr in optimizers.items():
         for group in optimizer.param_groups:
             group["lr"] = lr * min(1.0, update / warmup) if warmup > 0 else lr
-
-
-def released_score_coef(start: float, final: float, release_updates: int, update: int) -> float:
-    """kappa_t, the online weight of SMAC's penalty at the t-th update: geometric from the checkpoint's kappa to the
-    final one over release_updates, then the final one. A final 0 is approached as start / 1000, then switched off,
-    so the penalty's cost ends too. Geometric because the online behaviour changes with the order of kappa (10 holds
-    the offline policy, 1 lets it drift, 0.1 lets it climb; dev log, session 10)."""
-    if update >= release_updates or start in (0, final):  # from kappa 0 there is nothing to release
-        return final
-    end = max(final, start / 1000)
-    return start * (end / start) ** (update / release_updates)
 
 
 def budget_scores(step_scores: list, total_steps: int) -> dict:
