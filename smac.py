@@ -742,7 +742,11 @@ class RunLog:
     def __init__(self, args, env_name: str):
         global current_run, last_checkpoint
         last_checkpoint = None  # a new run: an earlier run's checkpoint (same process) is not this one's
-        self.run_name = f"{env_name.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        base = self.run_name = f"{env_name.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        for n in range(2, 10**6):  # two runs started in the same second must not share (and overwrite) a folder
+            if not os.path.exists(os.path.join(args.run_dir, self.run_name)):
+                break
+            self.run_name = f"{base}_{n}"
         self.dir = os.path.join(args.run_dir, self.run_name)
         self.created = make_folders(self.dir)  # removed again if the run fails before its first evaluation
         current_run = self

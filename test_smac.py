@@ -518,6 +518,13 @@ def test_non_finite_loss_stops_naming_the_update_and_keeps_last_good_checkpoint(
     assert all(torch.isfinite(v).all() for v in ckpt["critic"].values())
 
 
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(smac.time, "time", lambda: 1234.0)
+    args = small_args(tmp_path, None)
+    first, second = smac.RunLog(args, args.env), smac.RunLog(args, args.env)
+    assert first.dir != second.dir and os.path.isdir(first.dir) and os.path.isdir(second.dir)
+
+
 def test_command_line_error_is_one_line_without_traceback():
     out = subprocess.run([sys.executable, "smac.py", "--env", "hopper-mediun-v2"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))

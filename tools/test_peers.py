@@ -153,4 +153,3 @@ def test_the_runner_puts_peers_and_online_methods_beside_smac(tmp_path, corl_dir
     assert (tmp_path / "results" / "tiny" / "tiny-local_sac.png").stat().st_size > 0
     with pytest.raises(run_experiment.smac.SMACError, match="--peers needs --corl-dir"):
         run_experiment.main(run_experiment.Args(**{**vars(args), "corl_dir": None}))
-
