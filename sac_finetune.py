@@ -6,77 +6,30 @@ The online phase is SAC (CleanRL's sac_continuous_action.py, acting with the loa
 critic loss keeps SMAC's penalty, kappa_t * L_SM with the checkpoint's frozen diffusion model: without it (plain SAC,
 --score-coef 0) online TD rewrites the critic's action structure within 100 updates and the policy falls; kept whole
 (--score-coef-final 10) it holds the policy where it started. So kappa_t is released, geometrically from the
-checkpoint's kappa to kappa / 100 over the first 15k updates (README).
+checkpoint's kappa to kappa / 100 over the first 15k updates (README). The flags both fine-tuners share, and what the
+loop calls `run.` for (envs, replay buffer, evaluations, files), are in smac.py: FinetuneArgs and OnlineRun.
 """
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 import smac
 
 
-@dataclass
-class Args:
-    checkpoint: str
-    """SMAC checkpoint (runs/<run_name>/smac.pt) to fine-tune"""
-    seed: int = 1
-    """seed of the experiment"""
-    torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
-    cuda: bool = True
-    """if toggled, CUDA is used when available (CPU otherwise)"""
-    track: bool = False
-    """if toggled, the run is tracked with Weights and Biases"""
-    wandb_project_name: str = "smac"
-    """the wandb project name"""
-    wandb_entity: Optional[str] = None
-    """the wandb entity (team)"""
+@dataclass(kw_only=True)
+class Args(smac.FinetuneArgs):
     exp_name: str = "sac_finetune"
     """the name of this experiment (first part of the run name)"""
-    run_dir: str = "runs"
-    """folder in which runs/{run_name}/ (TensorBoard logs, metrics.csv, summary.csv, final.pt) is written"""
-    total_timesteps: int = 250_000
-    """online environment steps"""
-    buffer_size: int = 1_000_000
-    """capacity of the online replay buffer"""
-    batch_size: int = 256
-    """minibatch size"""
-    gamma: float = 0.99
-    """discount factor"""
-    tau: float = 0.005
-    """target critic smoothing coefficient"""
-    policy_lr: float = 3e-4
-    """learning rate of the actor"""
-    q_lr: float = 3e-4
-    """learning rate of the critics"""
-    learning_starts: int = 1000
-    """online steps collected by the offline policy before updates begin"""
-    lr_warmup: int = 0
-    """the learning rates rise linearly from 0 over this many updates after the hand-over (0: none)"""
     policy_frequency: int = 2
     """the actor (and alpha) is updated every this many steps, that many times (delayed updates, as CleanRL)"""
     autotune: bool = True
     """if toggled, alpha (starting from the checkpoint's) is tuned toward the target entropy -act_dim"""
-    score_coef: Optional[float] = None
-    """kappa of SMAC's penalty kept in the online critic loss; default the checkpoint's (0: plain online RL)"""
-    score_coef_final: Optional[float] = None
-    """kappa after the release, to which kappa_t falls geometrically over --score-release-updates (default: kappa
-    / 100; = --score-coef: no release, the anchor kept)"""
-    score_release_updates: int = 15_000
-    """online updates over which kappa_t falls from --score-coef to --score-coef-final"""
-    score_release_gate: bool = False
-    """if toggled, the release advances only while recent training episodes score at least the offline policy's"""
-    offline_ratio: float = 0.0
-    """fraction of each online minibatch drawn from the offline dataset (RLPD and Cal-QL: 0.5; 0: online data only)"""
-    eval_freq: int = 5000
-    """evaluate every this many online steps (also at step 0 and after 100, 500 and 1000 updates)"""
-    eval_episodes: int = 10
-    """number of deterministic evaluation episodes (episode i reset with seed i, as in smac.py)"""
-    drop_window: Optional[int] = None
-    """drop = step-0 score - lowest evaluation within this many updates; default max(5000, 10% of the updates)"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        smac.check_flags(self, smac.AT_LEAST_1, "policy_frequency")
 
 
 def train(args: Args) -> dict:
@@ -89,6 +42,7 @@ def train(args: Args) -> dict:
     log_alpha = torch.tensor(math.log(run.ckpt["alpha"]), device=device, requires_grad=True)
     alpha, alpha_opt = log_alpha.exp().item(), torch.optim.Adam([log_alpha], lr=args.q_lr)
     target_entropy = -float(run.env.action_space.shape[0])
+    run.evaluate(step=0)  # the offline policy opens the curve
 
     critic_loss = actor_loss = torch.zeros(())
     for step in smac.progress(range(1, args.total_timesteps + 1), "online steps"):
@@ -100,14 +54,15 @@ def train(args: Args) -> dict:
         if step > args.learning_starts:
             update = step - args.learning_starts  # online updates since the hand-over
             smac.warm_up_lr({actor_opt: args.policy_lr, critic_opt: args.q_lr}, update, args.lr_warmup)
-            batch = run.sample(args.batch_size)
+            batch = run.buffer.sample(args.batch_size)
             # L_Q = sum_i E (Q_i(s, a) - y)^2,  y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s'))
             y = smac.soft_td_target(actor, target_critic, batch, args.gamma, alpha)
-            # [+ kappa_t L_SM: SMAC's penalty kept online, then released]
-            critic_loss = smac.td_loss(critic, batch, y) + run.score_penalty(batch["observations"], update)
+            critic_loss = smac.td_loss(critic, batch, y)
+            if (kappa := run.score_coef_at(update)) > 0:  # + kappa_t L_SM: SMAC's penalty kept online, released
+                critic_loss = critic_loss + kappa * run.score_matching_penalty(batch["observations"])
             critic_opt.zero_grad()
             critic_loss.backward()
-            run.critic_step()
+            run.record_critic_grad_norm()
             critic_opt.step()
 
             if step % args.policy_frequency == 0:

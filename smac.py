@@ -10,6 +10,8 @@ fall), kappa_t released from kappa to kappa / 100 over the first 15k online upda
 
     python smac.py --env hopper-medium-replay-v2 [--dataset-path file.hdf5]
     python sac_finetune.py --checkpoint runs/<run_name>/smac.pt      (or td3_finetune.py)
+
+Above the banner further down: the whole method, offline and the part the fine-tuners use online. Below it: plumbing.
 """
 
 import copy
@@ -45,11 +47,8 @@ from tqdm import tqdm
 
 
 @dataclass
-class Args:
-    env: str = "hopper-medium-replay-v2"
-    """a D4RL name, {halfcheetah,hopper,walker2d}-{random,medium,...}-v2, or a Minari id (mujoco/hopper/medium-v0)"""
-    dataset_path: Optional[str] = None
-    """local D4RL-format HDF5 file to use instead of the download/cache (D4RL names only)"""
+class RunArgs:
+    """The flags smac.py and the two fine-tuners share, with one meaning in all three."""
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
@@ -62,33 +61,49 @@ class Args:
     """the wandb project name"""
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
-    exp_name: str = "smac"
-    """the name of this experiment (first part of the run name)"""
     run_dir: str = "runs"
-    """folder in which runs/{run_name}/ (TensorBoard logs, metrics.csv, smac.pt) is written"""
-    total_updates: int = 1_000_000
-    """number of offline actor-critic updates"""
+    """folder in which runs/{run_name}/ (TensorBoard logs, metrics.csv, checkpoints) is written"""
     batch_size: int = 256
     """minibatch size of transitions"""
-    hidden_dim: int = 256
-    """width of the hidden layers of the actor and the critics"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
-    """target critic smoothing coefficient"""
+    """target smoothing coefficient"""
     policy_lr: float = 3e-4
     """learning rate of the actor"""
     q_lr: float = 3e-4
-    """learning rate of the critics (and of alpha_psi)"""
+    """learning rate of the critics and of what is learned beside them (alpha_psi offline, SAC's alpha online)"""
+    eval_episodes: int = 10
+    """number of deterministic evaluation episodes (episode i reset with seed i)"""
+
+    def __post_init__(self):  # one clear error for a flag that cannot work, before anything is written
+        check_flags(self, AT_LEAST_1, "batch_size", "eval_episodes", "eval_freq")
+        check_flags(self, POSITIVE, "policy_lr", "q_lr")
+        check_flags(self, (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"), "seed")
+        check_flags(self, UNIT, "gamma")
+        check_flags(self, (lambda v: 0 < v <= 1, "in (0, 1]"), "tau")
+        check_run_dir(self.run_dir)
+
+
+@dataclass(kw_only=True)
+class Args(RunArgs):
+    env: str = "hopper-medium-replay-v2"
+    """a D4RL name, {halfcheetah,hopper,walker2d}-{random,medium,...}-v2, or a Minari id (mujoco/hopper/medium-v0)"""
+    dataset_path: Optional[str] = None
+    """local D4RL-format HDF5 file to use instead of the download/cache (D4RL names only)"""
+    exp_name: str = "smac"
+    """the name of this experiment (first part of the run name)"""
+    total_updates: int = 1_000_000
+    """number of offline actor-critic updates"""
+    eval_freq: int = 10_000
+    """evaluate (and write the checkpoint) every this many updates, and after the last"""
+    hidden_dim: int = 256
+    """width of the hidden layers of the actor and the critics"""
     alpha: float = 0.2
     """entropy temperature of the soft TD target and the SAC actor loss (fixed offline)"""
-    eval_freq: int = 10_000
-    """evaluate (and save the checkpoint) every this many updates; 0 evaluates only at the end"""
-    eval_episodes: int = 10
-    """number of deterministic evaluation episodes (episode i reset with seed i, as in the fine-tuners)"""
     # ---- SMAC arguments
     score_coef: float = 10.0
-    """kappa, weight of the score-matching penalty (0: the same offline SAC without SMAC, the baseline)"""
+    """kappa, weight of the score-matching penalty (0: the baseline, offline SAC, and no diffusion model is trained)"""
     score_batch_size: Optional[int] = None
     """states of each minibatch at which the penalty is estimated (default all; fewer: cheaper, noisier)"""
     score_model_updates: int = 100_000
@@ -99,6 +114,16 @@ class Args:
     """alpha_psi(s) >= this floor (left free, alpha_psi shrinks to 0 and the critic goes flat in the action)"""
     return_quantile: float = 0.9
     """the score is queried at w = this quantile of the dataset's normalized episode returns"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_flags(self, AT_LEAST_1, "total_updates", "hidden_dim", "diffusion_steps")
+        check_flags(self, AT_LEAST_0, "score_model_updates")
+        check_flags(self, POSITIVE, "alpha")
+        check_flags(self, NON_NEGATIVE, "score_coef", "score_scale_floor")
+        check_flags(self, UNIT, "return_quantile")
+        check_flags(self, (lambda v: v is None or 1 <= v <= self.batch_size, "in [1, --batch-size]"),
+                    "score_batch_size")
 
 
 # ---------------------------------------------------------------- networks
@@ -146,59 +171,15 @@ class TwinCritic(nn.Module):
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q_i(s, a), shape (2, B); actions (B, a) shared by both critics or (2, B, a), one set per critic."""
         x = torch.cat([obs.expand(2, *obs.shape), actions.expand(2, *actions.shape[-2:])], dim=-1)
-        for i in (0, 2, 4):
-            weight = torch.stack([q[i].weight for q in self.qs]).transpose(1, 2)
-            x = torch.baddbmm(torch.stack([q[i].bias for q in self.qs]).unsqueeze(1), x, weight)
-            x = F.silu(x) if i < 4 else x
+        layers = list(zip(*([m for m in q if isinstance(m, nn.Linear)] for q in self.qs)))  # (Q_1's, Q_2's) layer j
+        for j, pair in enumerate(layers):
+            weight = torch.stack([layer.weight for layer in pair]).transpose(1, 2)
+            x = torch.baddbmm(torch.stack([layer.bias for layer in pair]).unsqueeze(1), x, weight)
+            x = F.silu(x) if j < len(layers) - 1 else x  # SiLU between layers, as mlp(..., nn.SiLU) builds them
         return x.squeeze(-1)
 
 
-# ---------------------------------------------------------------- SMAC: the score-matching penalty
-def critic_action_grad(critic: TwinCritic, obs, actions) -> torch.Tensor:
-    """grad_a Q_i(s, a) for both critics, shape (2, B, a); differentiable w.r.t. the critic (double backprop)."""
-    actions = actions.detach().expand(2, *actions.shape).clone().requires_grad_(True)
-    return torch.autograd.grad(critic(obs, actions).sum(), actions, create_graph=True)[0]
-
-
-def penalty_actions(mean, log_std) -> torch.Tensor:
-    # B(A): each state gets a policy sample a ~ pi(.|s) or a uniform action a ~ U[-1, 1]^d, with probability 1/2
-    policy_actions = tanh_gaussian_sample(mean, log_std)[0].detach()
-    uniform_actions = torch.rand_like(policy_actions) * 2.0 - 1.0
-    from_policy = torch.rand(len(mean), 1, device=mean.device) < 0.5
-    return torch.where(from_policy, policy_actions, uniform_actions)
-
-
-def score_matching_residual(critic, score_scale, score_model, obs, actions, w):
-    """residual_i = grad_a Q_i(s, a) - alpha_psi(s) * grad_a log pi^D(a|s, w), shape (2, B, a), and its two parts."""
-    with torch.no_grad():
-        data_score = score_model.score(obs, actions, w)  # a fixed target: the score model is trained beforehand
-    grad_q = critic_action_grad(critic, obs, actions)
-    return grad_q - score_scale(obs) * data_score, grad_q, data_score
-
-
-def score_matching_loss(residual: torch.Tensor) -> torch.Tensor:
-    # L_SM = sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) grad_a log pi^D(a|s, w) ||^2
-    return residual.pow(2).sum(-1).mean(1).sum()
-
-
-def score_matching_penalty(critic, score_scale, score_model, obs, mean, log_std, w_query: float) -> torch.Tensor:
-    """L_SM at the states obs and B(A) actions, the score asked at w = w_query; the fine-tuners' --score-coef too."""
-    w = torch.full((len(obs), 1), w_query, device=obs.device)
-    actions = penalty_actions(mean, log_std)
-    return score_matching_loss(score_matching_residual(critic, score_scale, score_model, obs, actions, w)[0])
-
-
-def released_score_coef(start: float, final: float, release_updates: int, update: int) -> float:
-    """kappa_t, the online weight of SMAC's penalty at the t-th update: geometric from the checkpoint's kappa to the
-    final one over release_updates, then the final one. A final 0 is approached as start / 1000, then switched off,
-    so the penalty's cost ends too. Geometric because the online behaviour changes with the order of kappa (10 holds
-    the offline policy, 1 lets it drift, 0.1 lets it climb; dev log, session 10)."""
-    if update >= release_updates or start in (0, final):  # from kappa 0 there is nothing to release
-        return final
-    end = max(final, start / 1000)
-    return start * (end / start) ** (update / release_updates)
-
-
+# ---------------------------------------------------------------- SMAC: the dataset's score, pi^D(a|s, w)
 class ScoreModel(nn.Module):
     """eps_omega(s, a_k, w, k), a diffusion model of the dataset's actions in IDQL's style (a LayerNorm residual MLP),
     conditioned on a trajectory-level return w (Reinforcement via Supervision). After k of K noise steps an action a
@@ -239,6 +220,17 @@ class ScoreModel(nn.Module):
         return -alpha_bar.sqrt() * self(obs, alpha_bar.sqrt() * actions, w, k) / (1.0 - alpha_bar).sqrt()
 
 
+def episode_return_w(data: dict) -> np.ndarray:
+    """w of each transition: the return of its episode, normalized over the dataset's episodes (the conditioning).
+    An episode ends at a terminal, a timeout, a jump from next_observations[t] to observations[t+1], or the end."""
+    ends = (data["dones"] > 0) | (data["timeouts"] > 0)
+    ends[:-1] |= np.any(data["next_observations"][:-1] != data["observations"][1:], axis=1)
+    ends[-1] = True
+    episode = np.concatenate([[0], np.cumsum(ends)[:-1]])
+    returns = np.bincount(episode, weights=data["rewards"])  # w = (R - min R) / (max R - min R) over episodes
+    return ((returns - returns.min()) / max(np.ptp(returns), 1e-8))[episode].astype(np.float32)
+
+
 class ScoreScale(nn.Module):
     """alpha_psi(s) = floor + softplus(g_psi(s)), the learned proportion between grad_a Q and the dataset's score."""
 
@@ -250,6 +242,41 @@ class ScoreScale(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         return self.floor + F.softplus(self.net(obs))  # (B, 1)
+
+
+# ---------------------------------------------------------------- SMAC: the score-matching penalty
+def critic_action_grad(critic: TwinCritic, obs, actions) -> torch.Tensor:
+    """grad_a Q_i(s, a) for both critics, shape (2, B, a); differentiable w.r.t. the critic (double backprop)."""
+    actions = actions.detach().expand(2, *actions.shape).clone().requires_grad_(True)
+    return torch.autograd.grad(critic(obs, actions).sum(), actions, create_graph=True)[0]
+
+
+def penalty_actions(mean, log_std) -> torch.Tensor:
+    # B(A): each state gets a policy sample a ~ pi(.|s) or a uniform action a ~ U[-1, 1]^d, with probability 1/2
+    policy_actions = tanh_gaussian_sample(mean, log_std)[0].detach()
+    uniform_actions = torch.rand_like(policy_actions) * 2.0 - 1.0
+    from_policy = torch.rand(len(mean), 1, device=mean.device) < 0.5
+    return torch.where(from_policy, policy_actions, uniform_actions)
+
+
+def score_matching_residual(critic, score_scale, score_model, obs, actions, w):
+    """residual_i = grad_a Q_i(s, a) - alpha_psi(s) * grad_a log pi^D(a|s, w), shape (2, B, a), and its two parts."""
+    with torch.no_grad():
+        data_score = score_model.score(obs, actions, w)  # a fixed target: the score model is trained beforehand
+    grad_q = critic_action_grad(critic, obs, actions)
+    return grad_q - score_scale(obs) * data_score, grad_q, data_score
+
+
+def score_matching_loss(residual: torch.Tensor) -> torch.Tensor:
+    # L_SM = sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) grad_a log pi^D(a|s, w) ||^2
+    return residual.pow(2).sum(-1).mean(1).sum()
+
+
+def score_matching_penalty(critic, score_scale, score_model, obs, mean, log_std, w_query: float) -> torch.Tensor:
+    """L_SM (unweighted) at the states obs and B(A) actions, the score asked at w = w_query, offline and online."""
+    w = torch.full((len(obs), 1), w_query, device=obs.device)
+    actions = penalty_actions(mean, log_std)
+    return score_matching_loss(score_matching_residual(critic, score_scale, score_model, obs, actions, w)[0])
 
 
 # ---------------------------------------------------------------- SAC's losses (offline, and online in the fine-tuners)
@@ -283,17 +310,15 @@ def soft_update(net: nn.Module, target: nn.Module, tau: float) -> None:
 
 # ---------------------------------------------------------------- the offline loop
 def train(args: Args) -> dict:
-    check_flags(args)
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     data = load_dataset(args.env, args.dataset_path)
+    data["actions"] = data["actions"].clip(-1.0, 1.0)  # where tanh policies and B(A)'s uniform actions live
+    data["w"] = episode_return_w(data)  # the return each transition's action is conditioned on
+    w_query = float(np.quantile(data["w"], args.return_quantile))  # w at which the score is asked
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
-    buffer = dataset_buffer(data, obs_mean, obs_std, device)
-    w_query = float(np.quantile(data["episode_return_w"], args.return_quantile))  # w at which the score is asked
-    if buffer.size < args.batch_size:
-        warnings.warn(f"the dataset holds {buffer.size} transitions, fewer than one minibatch (--batch-size "
-                      f"{args.batch_size}): each minibatch repeats transitions")
+    buffer = dataset_buffer(data, obs_mean, obs_std, device, args.batch_size)
 
     actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
     critic = TwinCritic(obs_dim, act_dim, args.hidden_dim).to(device)
@@ -304,11 +329,9 @@ def train(args: Args) -> dict:
     critic_opt = torch.optim.Adam([*critic.parameters(), *score_scale.parameters()], lr=args.q_lr)
     score_model_opt = torch.optim.Adam(score_model.parameters(), lr=3e-4)
     log, eval_env = RunLog(args, args.env), make_env(data["task"], obs_mean, obs_std)
-    probe = torch.linspace(0, buffer.size - 1, min(1024, buffer.size), device=device).long()
-    probe_obs = buffer.data["observations"][probe].cpu()  # dataset states where the fine-tuners measure their KL
     print(f"{log.run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, {device}, w_query {w_query:.3f}")
 
-    # ALGO LOGIC, phase 1: the diffusion model of the dataset's actions, pi^D(a|s, w)
+    # ALGO LOGIC, phase 1: the diffusion model of the dataset's actions, pi^D(a|s, w) (not needed when kappa = 0)
     for update in progress(range(1, (args.score_model_updates if args.score_coef > 0 else 0) + 1), "score model"):
         batch = buffer.sample(args.batch_size)
         diffusion_loss = score_model.loss(batch["observations"], batch["actions"], batch["w"])
@@ -346,49 +369,94 @@ def train(args: Args) -> dict:
 
         log.losses("offline", update, args.total_updates, td_loss=critic_td_loss, score_loss=sm_loss,
                    actor_loss=actor_loss, td_target=y)
-        if update == args.total_updates or (args.eval_freq > 0 and update % args.eval_freq == 0):
+        if update % args.eval_freq == 0 or update == args.total_updates:
             diag = diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, args, w_query)
             result = log.evaluation("update", update, actor, eval_env, args.eval_episodes, data["task"], **diag)
-            save_checkpoint(os.path.join(log.dir, "smac.pt"), actor, critic, target_critic, env=args.env,
-                            task=data["task"], alpha=args.alpha, obs_mean=torch.as_tensor(obs_mean),
-                            obs_std=torch.as_tensor(obs_std), td_grad_norm=diag["td_grad_norm"], args=asdict(args),
-                            update=update,
-                            probe_obs=probe_obs, w_query=w_query,  # the diffusion model only if trained (SMAC):
-                            score_model=cpu_state(score_model) if args.score_coef > 0 else None,
-                            score_scale=cpu_state(score_scale) if args.score_coef > 0 else None)
+            save_offline_checkpoint(log, args, data, buffer, w_query, update, diag, actor, critic, target_critic,
+                                    score_model, score_scale)
     log.writer.close()
     print(f"{(sps := log.sps(args.total_updates))} updates/s; checkpoint: {os.path.join(log.dir, 'smac.pt')}")
     return {"run_dir": log.dir, "sps": sps, **result}
 
 
-@torch.no_grad()
-def diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, args, w_query, batches=10) -> dict:
-    """Where the offline actor-critic stands, averaged over fixed minibatches of dataset states:
-    score_residual_rel   ||grad_a Q_i - alpha_psi grad_a log pi^D|| / ||grad_a Q_i|| at B(A) actions
-    score_cosine         cos(grad_a Q_i, grad_a log pi^D) at B(A) actions; alpha_psi_mean its scale
-    sac_actor_grad_norm  norm of SAC's actor-loss gradient: the distance from a stationary point of online SAC
-    td_grad_norm         norm of the TD loss's critic gradient; the fine-tuners compare theirs with it."""
-    rng_state = torch.random.get_rng_state()
-    torch.manual_seed(12345)  # the same minibatches every call; training's random stream is restored below
-    out = {k: [] for k in ("score_residual_rel", "score_cosine", "alpha_psi_mean", "sac_actor_grad_norm",
-                           "td_grad_norm")}
-    with torch.enable_grad():
-        for _ in range(batches):
-            batch = buffer.sample(256)
-            obs = batch["observations"]
-            mean, log_std = actor(obs)
-            if args.score_coef > 0:
-                w = torch.full((len(obs), 1), w_query, device=obs.device)
-                residual, grad_q, data_score = score_matching_residual(
-                    critic, score_scale, score_model, obs, penalty_actions(mean, log_std), w)
-                out["score_residual_rel"].append((residual.norm() / grad_q.norm().clamp_min(1e-8)).item())
-                out["score_cosine"].append(F.cosine_similarity(grad_q, data_score.expand_as(grad_q), -1).mean().item())
-                out["alpha_psi_mean"].append(score_scale(obs).mean().item())
-            out["sac_actor_grad_norm"].append(grad_norm(sac_actor_loss(mean, log_std, obs, critic, args.alpha), actor))
-            y = soft_td_target(actor, target_critic, batch, args.gamma, args.alpha)
-            out["td_grad_norm"].append(grad_norm(td_loss(critic, batch, y), critic))
-    torch.random.set_rng_state(rng_state)
-    return {k: float(np.mean(v)) if v else math.nan for k, v in out.items()}
+# ---------------------------------------------------------------- online: what the fine-tuners add to SAC and TD3
+@dataclass(kw_only=True)
+class FinetuneArgs(RunArgs):
+    """The flags both fine-tuners have (each adds its algorithm's own)."""
+    checkpoint: str
+    """SMAC checkpoint (runs/<run_name>/smac.pt) to fine-tune"""
+    total_timesteps: int = 250_000
+    """online environment steps"""
+    eval_freq: int = 5000
+    """evaluate (and write final.pt) every this many online steps, at step 0 and after 100, 500 and 1000 updates"""
+    buffer_size: int = 1_000_000
+    """capacity of the online replay buffer"""
+    learning_starts: int = 1000
+    """online steps collected by the offline policy before updates begin"""
+    lr_warmup: int = 0
+    """the learning rates rise linearly from 0 over this many updates after the hand-over (0: none)"""
+    score_coef: Optional[float] = None
+    """kappa of SMAC's penalty kept in the online critic loss; default the checkpoint's (0: plain online RL)"""
+    score_coef_final: Optional[float] = None
+    """kappa after the release, to which kappa_t falls geometrically over --score-release-updates (default: kappa
+    / 100; = --score-coef: no release, the anchor kept)"""
+    score_release_updates: int = 15_000
+    """online updates over which kappa_t falls from --score-coef to --score-coef-final"""
+    drop_window: Optional[int] = None
+    """drop = step-0 score - lowest evaluation within this many updates; default max(5000, 10% of the updates)"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_flags(self, AT_LEAST_1, "total_timesteps", "buffer_size", "learning_starts", "score_release_updates")
+        check_flags(self, AT_LEAST_0, "lr_warmup")
+        check_flags(self, NON_NEGATIVE, "score_coef", "score_coef_final", "drop_window")
+        if self.total_timesteps <= self.learning_starts:
+            raise SMACError(f"--learning-starts ({self.learning_starts}) must be smaller than --total-timesteps "
+                            f"({self.total_timesteps}): no update would happen")
+
+
+def released_score_coef(start: float, final: float, release_updates: int, update: int) -> float:
+    """kappa_t, the online weight of SMAC's penalty at the t-th update: geometric from the checkpoint's kappa to the
+    final one over release_updates, then the final one. A final 0 is approached as start / 1000, then switched off,
+    so the penalty's cost ends too. Geometric because the online behaviour changes with the order of kappa (10 holds
+    the offline policy, 1 lets it drift, 0.1 lets it climb; dev log, session 10)."""
+    if update >= release_updates or start in (0, final):  # from kappa 0 there is nothing to release
+        return final
+    end = max(final, start / 1000)
+    return start * (end / start) ** (update / release_updates)
+
+
+def warm_up_lr(optimizers: dict, update: int, warmup: int) -> None:
+    """lr_t = lr * min(1, t / warmup) at the t-th online update, for each {optimizer: lr}. Why: a fresh Adam's first
+    steps have full size whatever the gradient's size (m / sqrt(v) ~ +-1). Counted in updates, not in optimizer
+    steps (SAC's actor steps every other update), so by hand rather than with a LambdaLR."""
+    for optimizer, lr in optimizers.items():
+        for group in optimizer.param_groups:
+            group["lr"] = lr * min(1.0, update / warmup) if warmup > 0 else lr
+
+
+def transfer_metrics(evals: list, train_scores: list, drop_window: int) -> dict:
+    """evals: (updates since the hand-over, normalized score), step 0 first. drop is counted in updates from the
+    step at which updates begin, so a fall the updates cause is always inside the window.
+    drop   = max(0, step-0 score - lowest evaluation within drop_window updates)
+    regret = mean over online training episodes of (1 - normalized return / 100)   (as Cal-QL and CORL)"""
+    start, lowest = evals[0][1], min(score for updates, score in evals if updates <= drop_window)
+    if not all(math.isfinite(score) for _, score in evals):  # min() would skip a NaN: never a finite drop from one
+        start = lowest = math.nan
+    regret = float(np.mean([1.0 - s / 100.0 for s in train_scores])) if train_scores else math.nan
+    drop = start - lowest if math.isnan(start) else max(0.0, start - lowest)
+    return {"step0_score": start, "lowest_early_score": lowest, "drop": drop, "regret": regret,
+            "final_score": evals[-1][1], "train_episodes": len(train_scores)}
+
+
+SCORE_BUDGETS = (10_000, 30_000)  # online env steps at which summary.csv reports the score (score_10k, score_30k)
+
+
+def budget_scores(step_scores: list, total_steps: int) -> dict:
+    """score_10k, score_30k: the last evaluation at or before that many online env steps (NaN if the run is shorter),
+    so runs of different lengths are compared at the same budget, never by their final score."""
+    return {f"score_{b // 1000}k": max((s, x) for s, x in step_scores if s <= b)[1] if total_steps >= b else math.nan
+            for b in SCORE_BUDGETS}
 
 
 # ======================================================================================================================
@@ -406,44 +474,35 @@ MINARI_ID = re.compile(r"[\w.-]+(/[\w.-]+)+-v\d+")  # namespace/.../name-vN
 DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 LOG_FREQ = 1000  # updates (offline) or steps (online) between log lines
 HANDOVER_UPDATES = (100, 500, 1000)  # the fine-tuners' extra evaluations after the hand-over
-SCORE_BUDGETS = (10_000, 30_000)  # online env steps at which summary.csv reports the score (score_10k, score_30k)
-CHECKPOINT_FORMAT = "smac-checkpoint-v4"
-CHECKPOINT_KEYS = ("actor", "critic", "target_critic", "env", "task", "alpha", "obs_mean", "obs_std", "probe_obs",
+CHECKPOINT_FORMAT = "smac-checkpoint-v5"
+NETWORKS = ("actor", "critic", "target_critic")  # the weights of a checkpoint; below, what else it holds
+CHECKPOINT_INFO = ("obs_dim", "act_dim", "hidden_dim", "env", "task", "alpha", "obs_mean", "obs_std", "probe_obs",
                    "td_grad_norm", "args", "w_query", "score_model", "score_scale")
+CHECKPOINT_KEYS = NETWORKS + CHECKPOINT_INFO
+AT_LEAST_0, AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+NON_NEGATIVE = (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0")
+UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
 last_checkpoint = None  # the path of the last checkpoint written, named when a run is interrupted
 ctrl_c_pressed = False
 current_run = None  # the RunLog of this process's run, whose folder a failure before any evaluation removes
 
 
 class SMACError(Exception):
-    """Bad input or a failed run: the message says what and how to fix it."""
+    """Bad input or a failed run: the message says what and how to fix it (main prints it as one line)."""
 
 
-FLAG_RULES = {  # flag: (test, what it must be); each script checks the flags it has
-    **dict.fromkeys(("total_updates", "total_timesteps", "batch_size", "hidden_dim", "eval_episodes", "buffer_size",
-                     "policy_frequency", "diffusion_steps", "learning_starts"), (lambda v: v >= 1, ">= 1")),
-    **dict.fromkeys(("score_model_updates", "eval_freq", "lr_warmup"), (lambda v: v >= 0, ">= 0")),
-    **dict.fromkeys(("policy_lr", "q_lr", "alpha"), (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")),
-    **dict.fromkeys(("score_coef", "score_scale_floor", "bc_coef", "exploration_noise", "policy_noise", "noise_clip"),
-                    (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0")),
-    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"), "gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "tau": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "return_quantile": (lambda v: 0 <= v <= 1, "in [0, 1]"), "drop_window": (lambda v: v is None or v >= 0, ">= 0"),
-    "score_coef_final": (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "score_release_updates": (lambda v: v >= 1, ">= 1"), "offline_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
-}
+def check_flags(args, rule: tuple, *names: str) -> None:
+    test, need = rule
+    for name in names:
+        if not test(value := getattr(args, name)):
+            raise SMACError(f"--{name.replace('_', '-')} must be {need}, got {value}")
 
 
-def check_flags(args) -> None:
-    """One clear error for a flag value that cannot work, before anything is written."""
-    for name, (ok, need) in FLAG_RULES.items():
-        if hasattr(args, name) and not ok(getattr(args, name)):
-            raise SMACError(f"--{name.replace('_', '-')} must be {need}, got {getattr(args, name)}")
-    if getattr(args, "score_batch_size", None) is not None and not 1 <= args.score_batch_size <= args.batch_size:
-        raise SMACError(f"--score-batch-size must be in [1, --batch-size], got {args.score_batch_size}")
-    if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
-        raise SMACError(f"--run-dir {args.run_dir} is a file, not a folder")
-    check_writable_folder(args.run_dir, "--run-dir")
+def check_run_dir(folder: str) -> None:
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SMACError(f"--run-dir {folder} is a file, not a folder")
+    check_writable_folder(folder, "--run-dir")
 
 
 def check_writable_folder(folder: str, what: str) -> None:
@@ -457,33 +516,21 @@ def check_writable_folder(folder: str, what: str) -> None:
         raise SMACError(f"{what} {folder}: {existing} is not writable")
 
 
-def missing_top(folder: str) -> Optional[str]:
-    """The top-most folder that creating `folder` would create (None if it exists)."""
-    top, parent = None, os.path.abspath(folder)
-    while not os.path.exists(parent):
-        top, parent = parent, os.path.dirname(parent)
-    return top
+def check_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise SMACError(f"{what} {path} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
 
 
 def make_folders(folder: str) -> Optional[str]:
-    """os.makedirs that returns the top-most folder it created (None if it existed), so a failure can remove them."""
-    top = missing_top(folder)
+    """os.makedirs that returns the top-most folder it created (None if none), which a failure can remove whole."""
+    top, parent = None, os.path.abspath(folder)
+    while not os.path.exists(parent):
+        top, parent = parent, os.path.dirname(parent)
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise SMACError(f"cannot create the folder {folder}: {e.strerror or e}") from e
     return top
-
-
-def remove_empty_folders(top: Optional[str], folder: str) -> None:
-    """Removes `folder` and its parents up to `top` (a make_folders result) while they are empty."""
-    folder = os.path.abspath(folder)
-    while top is not None and not (os.path.isdir(folder) and os.listdir(folder)):
-        if os.path.isdir(folder):
-            os.rmdir(folder)
-        if folder == top:
-            break
-        folder = os.path.dirname(folder)
 
 
 def check_env_name(name: str) -> str:
@@ -518,8 +565,8 @@ def dataset_url(name: str) -> str:
 
 
 def download(url: str, path: str) -> None:
-    """Into a temporary file beside `path`, renamed into place once complete; on failure nothing is left behind (not
-    even a cache folder this call created)."""
+    """Into a temporary file beside `path`, renamed into place once whole and HDF5; on failure nothing is left (not
+    even the cache folders this call created)."""
     folder = os.path.dirname(path) or "."
     check_writable_folder(folder, "the dataset cache ($D4RL_DATASET_DIR)")
     created = make_folders(folder)
@@ -528,13 +575,12 @@ def download(url: str, path: str) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response, os.fdopen(fd, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0)
-            name = f"downloading {os.path.basename(path)}"
-            with progress_bar(None, name, total=total, unit="B", unit_scale=True) as bar:
-                while chunk := response.read(1 << 20):
-                    done += out.write(chunk)
-                    bar.update(len(chunk))
-        if total and done != total:
-            raise http.client.IncompleteRead(b"", total - done)  # the server closed the connection early
+            with tqdm.wrapattr(response, "read", total=total, desc=f"downloading {os.path.basename(path)}",
+                               disable=None) as source:
+                shutil.copyfileobj(source, out)
+            done = out.tell()
+        if total and done != total:  # urllib returns what came before the server closed; it does not check
+            raise http.client.IncompleteRead(b"", total - done)
         if not h5py.is_hdf5(tmp):  # e.g. an HTML error page sent with status 200: it never enters the cache
             raise SMACError(f"{url} did not send an HDF5 file ({done} bytes; nothing was kept); check the URL or "
                             "give a local file: --dataset-path")
@@ -547,10 +593,11 @@ def download(url: str, path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        remove_empty_folders(created, folder)
+        if created and not os.path.exists(path):
+            shutil.rmtree(created)
 
 
-def read_d4rl_file(name: str, path: Optional[str]):
+def read_d4rl_file(name: str, path: Optional[str]) -> tuple:
     """The D4RL-format HDF5 file (without a path, downloaded into $D4RL_DATASET_DIR, default ~/.d4rl/datasets):
     (data, where it came from)."""
     cached = path is None
@@ -559,10 +606,7 @@ def read_d4rl_file(name: str, path: Optional[str]):
         path = os.path.join(cache, os.path.basename(dataset_url(name)))
         if not os.path.exists(path):
             download(dataset_url(name), path)
-    if os.path.isdir(path):
-        raise SMACError(f"dataset file {path} is a folder, not a file")
-    if not os.path.isfile(path):
-        raise SMACError(f"dataset file {path} does not exist")
+    check_file(path, "dataset file")
     fix = "; delete it and it is downloaded again" if cached else ""
     try:
         with h5py.File(path, "r") as f:
@@ -579,20 +623,19 @@ def read_d4rl_file(name: str, path: Optional[str]):
     return data, path
 
 
-def read_minari(name: str):
+def read_minari(name: str) -> tuple:
     """A Minari dataset ($MINARI_DATASETS_PATH; minari downloads it when absent) as D4RL's flat arrays, its task."""
     import minari  # only Minari ids need it
 
     root = os.path.abspath(os.environ.get("MINARI_DATASETS_PATH", os.path.expanduser("~/.minari/datasets")))
-    top, existed = missing_top(root), {d for d, _, _ in os.walk(root)}
+    existed = {d for d, _, _ in os.walk(root)}
     try:
         dataset = minari.load_dataset(name, download=True)
         spec = dataset.recover_environment(eval_env=True).spec  # the env the dataset names for evaluation
     except Exception as e:  # minari raises several types for unknown ids, failed downloads and missing envs
-        for folder, _, _ in sorted(os.walk(root), reverse=True):  # the empty folders minari made on its way out
-            if folder not in existed and not os.listdir(folder):
-                os.rmdir(folder)
-        remove_empty_folders(top, root)
+        for folder in sorted({d for d, _, _ in os.walk(root)} - existed, reverse=True):  # what minari made: if empty,
+            if not os.listdir(folder):  # it goes, as do the empty folders above it that did not exist before
+                os.removedirs(folder)
         remote = os.environ.get("MINARI_REMOTE", "hf://farama-minari")
         if "huggingface_hub is not installed" in str(e):
             raise SMACError(f"the Minari dataset {name} is not in {root}, and downloading it needs huggingface_hub: "
@@ -611,14 +654,14 @@ def read_minari(name: str):
     parts = {"observations": [e.observations[:-1] for e in episodes], "actions": [e.actions for e in episodes],
              "rewards": [e.rewards for e in episodes], "next_observations": [e.observations[1:] for e in episodes],
              "terminals": [e.terminations for e in episodes], "timeouts": [e.truncations for e in episodes]}
-    task = {"name": name, "env_spec": spec.to_json(), "ref_scores": [float(meta["ref_min_score"]),
-                                                                      float(meta["ref_max_score"])]}
+    task = {"name": name, "env_spec": spec.to_json(),
+            "ref_scores": [float(meta["ref_min_score"]), float(meta["ref_max_score"])]}
     return {k: np.concatenate(v) if episodes else np.zeros((0,)) for k, v in parts.items()}, task
 
 
 def load_dataset(name: str, path: Optional[str]) -> dict:
-    """A D4RL file or a Minari dataset as D4RL's flat arrays, with one clear SMACError per problem, plus the task (the
-    evaluation env and reference returns) and episode_return_w, the normalized return of each transition's episode."""
+    """A D4RL file or a Minari dataset as D4RL's flat float32 arrays ("terminals" renamed "dones"), with one clear
+    SMACError per problem, plus the task: the evaluation env and the reference returns."""
     if check_env_name(name) in D4RL_NAMES:
         (data, path), task = read_d4rl_file(name, path), d4rl_task(name)
     elif path is not None:
@@ -643,25 +686,13 @@ def load_dataset(name: str, path: Optional[str]) -> dict:
                       f"(up to {np.abs(data['actions']).max():.4g}); they are clipped to it")
     data = {k: v.astype(np.float32) for k, v in data.items()}
     data["dones"] = data.pop("terminals")  # a timeout ends the episode but is not a terminal state: no bootstrap cut
-    # an episode ends at a terminal, a timeout, a jump from next_observations[t] to observations[t+1], or the end
-    ends = (data["dones"] > 0) | (data["timeouts"] > 0)
-    ends[:-1] |= np.any(data["next_observations"][:-1] != data["observations"][1:], axis=1)
-    ends[-1] = True
-    episode = np.concatenate([[0], np.cumsum(ends)[:-1]])
-    returns = np.bincount(episode, weights=data["rewards"])  # w = (R - min R) / (max R - min R) over episodes
-    data["episode_return_w"] = ((returns - returns.min()) / max(np.ptp(returns), 1e-8))[episode].astype(np.float32)
     return {**data, "task": task}
 
 
-def progress_bar(iterable, desc: str, **kw) -> tqdm:
-    """A progress bar with rate and ETA on a terminal; silent when stdout is not one (CI, log files)."""
-    return tqdm(iterable, desc=desc, disable=not sys.stdout.isatty(), dynamic_ncols=True, **kw)
-
-
 def progress(iterable, desc: str):
-    """The training loops' iterator: a progress bar, and a stop at the next step after a Ctrl-C whose
-    KeyboardInterrupt was swallowed (Python only prints an exception raised inside a __del__ or a C callback)."""
-    for item in progress_bar(iterable, desc):
+    """The training loops' iterator: a progress bar when stderr is a terminal (tqdm's disable=None), and a stop at the
+    next step after a Ctrl-C whose KeyboardInterrupt was swallowed (Python only prints one raised inside a __del__)."""
+    for item in tqdm(iterable, desc=desc, disable=None, dynamic_ncols=True):
         if ctrl_c_pressed:
             raise KeyboardInterrupt
         yield item
@@ -709,22 +740,16 @@ class ReplayBuffer:
         return {k: v[idx] for k, v in self.data.items()}
 
 
-def dataset_buffer(data: dict, obs_mean, obs_std, device: torch.device) -> ReplayBuffer:
+def dataset_buffer(data: dict, obs_mean, obs_std, device: torch.device, batch_size: int = 1) -> ReplayBuffer:
+    """The offline dataset, observations normalized, as a ReplayBuffer with the return conditioning w."""
+    if len(data["rewards"]) < batch_size:
+        warnings.warn(f"the dataset holds {len(data['rewards'])} transitions, fewer than one minibatch (--batch-size "
+                      f"{batch_size}): each minibatch repeats transitions")
     buffer = ReplayBuffer(len(data["rewards"]), len(obs_mean), data["actions"].shape[1], device, extra=("w",))
     buffer.add(observations=(data["observations"] - obs_mean) / obs_std, rewards=data["rewards"],
-               actions=data["actions"].clip(-1.0, 1.0), dones=data["dones"], w=data["episode_return_w"],
+               actions=data["actions"], dones=data["dones"], w=data["w"],
                next_observations=(data["next_observations"] - obs_mean) / obs_std)
     return buffer
-
-
-def grad_norm(loss: torch.Tensor, module: nn.Module) -> float:
-    return torch.sqrt(sum((g**2).sum() for g in torch.autograd.grad(loss, list(module.parameters())))).item()
-
-
-def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q) -> torch.Tensor:
-    # KL(pi_p || pi_q) of two tanh-Gaussians = KL of their Gaussians (tanh is a bijection); summed over dimensions
-    var_ratio = torch.exp(2 * (log_std_p - log_std_q))
-    return 0.5 * (var_ratio + ((mean_p - mean_q) / log_std_q.exp()) ** 2 - 1.0 - torch.log(var_ratio)).sum(-1)
 
 
 def seed_everything(seed: int, torch_deterministic: bool) -> None:
@@ -732,6 +757,40 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = torch_deterministic
+
+
+def grad_norm(loss: torch.Tensor, module: nn.Module) -> float:
+    return torch.sqrt(sum((g**2).sum() for g in torch.autograd.grad(loss, list(module.parameters())))).item()
+
+
+@torch.no_grad()
+def diagnostics(actor, critic, target_critic, score_scale, score_model, buffer, args, w_query, batches=10) -> dict:
+    """Where the offline actor-critic stands, averaged over fixed minibatches of dataset states:
+    score_residual_rel   ||grad_a Q_i - alpha_psi grad_a log pi^D|| / ||grad_a Q_i|| at B(A) actions
+    score_cosine         cos(grad_a Q_i, grad_a log pi^D) at B(A) actions; alpha_psi_mean its scale
+    sac_actor_grad_norm  norm of SAC's actor-loss gradient: the distance from a stationary point of online SAC
+    td_grad_norm         norm of the TD loss's critic gradient; the fine-tuners compare theirs with it."""
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(12345)  # the same minibatches every call; training's random stream is restored below
+    out = {k: [] for k in ("score_residual_rel", "score_cosine", "alpha_psi_mean", "sac_actor_grad_norm",
+                           "td_grad_norm")}
+    with torch.enable_grad():
+        for _ in range(batches):
+            batch = buffer.sample(256)
+            obs = batch["observations"]
+            mean, log_std = actor(obs)
+            if args.score_coef > 0:
+                w = torch.full((len(obs), 1), w_query, device=obs.device)
+                residual, grad_q, data_score = score_matching_residual(
+                    critic, score_scale, score_model, obs, penalty_actions(mean, log_std), w)
+                out["score_residual_rel"].append((residual.norm() / grad_q.norm().clamp_min(1e-8)).item())
+                out["score_cosine"].append(F.cosine_similarity(grad_q, data_score.expand_as(grad_q), -1).mean().item())
+                out["alpha_psi_mean"].append(score_scale(obs).mean().item())
+            out["sac_actor_grad_norm"].append(grad_norm(sac_actor_loss(mean, log_std, obs, critic, args.alpha), actor))
+            y = soft_td_target(actor, target_critic, batch, args.gamma, args.alpha)
+            out["td_grad_norm"].append(grad_norm(td_loss(critic, batch, y), critic))
+    torch.random.set_rng_state(rng_state)
+    return {k: float(np.mean(v)) if v else math.nan for k, v in out.items()}
 
 
 class RunLog:
@@ -761,11 +820,10 @@ class RunLog:
         self.start_time, self.eval_seconds = time.time(), 0.0
 
     def discard_if_unused(self) -> None:
-        """After a failure: the run folder goes if no evaluation was written (it holds only TensorBoard's file)."""
+        """After a failure: the folders this run created go if no evaluation was written (only TensorBoard's file)."""
         self.writer.close()
-        if os.path.isdir(self.dir) and not os.path.exists(os.path.join(self.dir, "metrics.csv")):
-            shutil.rmtree(self.dir)
-            remove_empty_folders(self.created, os.path.dirname(self.dir))
+        if self.created and not os.path.exists(os.path.join(self.dir, "metrics.csv")):
+            shutil.rmtree(self.created, ignore_errors=True)
 
     def sps(self, step: int) -> int:
         return int(step / (time.time() - self.start_time - self.eval_seconds))
@@ -838,25 +896,37 @@ def save_checkpoint(path: str, actor, critic, target_critic, **content) -> None:
             os.remove(tmp)
 
 
+def save_offline_checkpoint(log, args, data, buffer, w_query, update, diag, actor, critic, target_critic,
+                            score_model, score_scale) -> None:
+    """smac.pt: the networks, their shapes, the observation statistics, the diffusion model and alpha_psi (SMAC only),
+    and probe_obs, 1024 dataset states at which the fine-tuners measure their KL from the offline policy."""
+    probe = torch.linspace(0, buffer.size - 1, min(1024, buffer.size), device=buffer.device).long()
+    smac_only = args.score_coef > 0
+    obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + 1e-3
+    save_checkpoint(os.path.join(log.dir, "smac.pt"), actor, critic, target_critic, obs_dim=len(obs_mean),
+                    act_dim=data["actions"].shape[1], hidden_dim=args.hidden_dim, env=args.env, task=data["task"],
+                    alpha=args.alpha, obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std),
+                    probe_obs=buffer.data["observations"][probe].cpu(), td_grad_norm=diag["td_grad_norm"],
+                    args=asdict(args), w_query=w_query, update=update,
+                    score_model=cpu_state(score_model) if smac_only else None,
+                    score_scale=cpu_state(score_scale) if smac_only else None)
+
+
 def load_checkpoint(path: str, device: torch.device):
     """Checkpoint dict and its actor, critic and target critic; weights_only=True: loading runs no code."""
-    if os.path.isdir(path):
-        raise SMACError(f"checkpoint {path} is a folder, not a file")
-    if not os.path.isfile(path):
-        raise SMACError(f"checkpoint {path} does not exist")
+    check_file(path, "checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files and for pickled code; its message
         raise SMACError(f"cannot read {path} as a SMAC checkpoint: it is not a weights-only torch file "  # advises an
                         f"({type(e).__name__})") from e  # unsafe weights_only=False: never shown
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise SMACError(f"{path} is not a SMAC checkpoint (no format {CHECKPOINT_FORMAT!r})")
+        raise SMACError(f"{path} is not a SMAC checkpoint of this version (no format {CHECKPOINT_FORMAT!r})")
     if missing := [k for k in CHECKPOINT_KEYS if k not in ckpt]:
         raise SMACError(f"{path} is an incomplete SMAC checkpoint: it lacks {missing}")
     try:
-        obs_dim, hidden = len(ckpt["obs_mean"]), ckpt["args"]["hidden_dim"]
-        act_dim = len(ckpt["actor"]["net.4.bias"]) // 2  # the actor's head outputs mean and log_std
-        actor, critic = Actor(obs_dim, act_dim, hidden).to(device), TwinCritic(obs_dim, act_dim, hidden).to(device)
+        shape = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]
+        actor, critic = Actor(*shape).to(device), TwinCritic(*shape).to(device)
         target_critic = copy.deepcopy(critic)
         for net, key in ((actor, "actor"), (critic, "critic"), (target_critic, "target_critic")):
             net.load_state_dict(ckpt[key])
@@ -872,60 +942,23 @@ def load_score_nets(ckpt: dict, path: str, device: torch.device):
     if ckpt["score_model"] is None:
         raise SMACError(f"--score-coef needs a SMAC checkpoint; {path} was trained with --score-coef 0 (no diffusion "
                         "model)")
-    obs_dim, act_dim, args = len(ckpt["obs_mean"]), len(ckpt["actor"]["net.4.bias"]) // 2, ckpt["args"]
-    score_model = ScoreModel(obs_dim, act_dim, steps=args["diffusion_steps"]).to(device)
-    score_scale = ScoreScale(obs_dim, args["hidden_dim"], args["score_scale_floor"]).to(device)
+    score_model = ScoreModel(ckpt["obs_dim"], ckpt["act_dim"], steps=ckpt["args"]["diffusion_steps"]).to(device)
+    score_scale = ScoreScale(ckpt["obs_dim"], ckpt["hidden_dim"], ckpt["args"]["score_scale_floor"]).to(device)
     for net, key in ((score_model, "score_model"), (score_scale, "score_scale")):
         net.load_state_dict(ckpt[key])
         net.requires_grad_(False)
     return score_model, score_scale
 
 
-# ---------------------------------------------------------------- online helpers, shared by the two fine-tuners
-def warm_up_lr(optimizers: dict, update: int, warmup: int) -> None:
-    """lr_t = lr * min(1, t / warmup) at the t-th online update, for each {optimizer: lr}. Why: a fresh Adam's first
-    steps have full size whatever the gradient's size (m / sqrt(v) ~ +-1), so the small actor gradient SMAC leaves
-    at the hand-over does not by itself keep the first online steps small."""
-    for optimizer, lr in optimizers.items():
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, update / warmup) if warmup > 0 else lr
-
-
-def budget_scores(step_scores: list, total_steps: int) -> dict:
-    """score_10k, score_30k: the last evaluation at or before that many online env steps (NaN if the run is shorter),
-    so runs of different lengths are compared at the same budget, never by their final score."""
-    return {f"score_{b // 1000}k": max((s, x) for s, x in step_scores if s <= b)[1] if total_steps >= b else math.nan
-            for b in SCORE_BUDGETS}
-
-
-def transfer_metrics(evals: list, train_scores: list, drop_window: int) -> dict:
-    """evals: (updates since the hand-over, normalized score), step 0 first. drop is counted in updates from the
-    step at which updates begin, so a fall the updates cause is always inside the window.
-    drop   = max(0, step-0 score - lowest evaluation within drop_window updates)
-    regret = mean over online training episodes of (1 - normalized return / 100)   (as Cal-QL and CORL)"""
-    start, lowest = evals[0][1], min(score for updates, score in evals if updates <= drop_window)
-    if not all(math.isfinite(score) for _, score in evals):  # min() would skip a NaN: never a finite drop from one
-        start = lowest = math.nan
-    regret = float(np.mean([1.0 - s / 100.0 for s in train_scores])) if train_scores else math.nan
-    drop = start - lowest if math.isnan(start) else max(0.0, start - lowest)
-    return {"step0_score": start, "lowest_early_score": lowest, "drop": drop, "regret": regret,
-            "final_score": evals[-1][1], "train_episodes": len(train_scores)}
-
-
 class OnlineRun:
-    """The fine-tuners' plumbing: the checkpoint's networks and envs, the online replay buffer, training episodes,
-    evaluations (step 0, every eval_freq steps, 100/500/1000 updates after the hand-over) with kl_to_offline = mean
-    KL(pi_offline || pi_t) at the checkpoint's dataset states, final.pt at every evaluation, and summary.csv: the
-    transfer metrics and td_grad_ratio (the critic-loss gradient norm of the first 10 online updates, penalty included,
-    over the offline TD-gradient norm)."""
+    """The fine-tuners' shared plumbing: the checkpoint's networks and envs, the online replay buffer and training
+    episodes, SMAC's penalty with its released kappa_t, and the evaluations (step 0, every --eval-freq steps, 100, 500
+    and 1000 updates after the hand-over) with kl_to_offline = mean KL(pi_offline || pi_t) at the checkpoint's dataset
+    states, final.pt written at each. finish() writes summary.csv: transfer_metrics, the scores at fixed budgets, and
+    td_grad_ratio (the critic-loss gradient norm of the first 10 online updates, penalty included, over the offline
+    TD-gradient norm)."""
 
-    def __init__(self, args, device: torch.device):
-        check_flags(args)
-        if args.eval_freq < 1:
-            raise SMACError(f"--eval-freq must be >= 1 online steps, got {args.eval_freq}")
-        if args.total_timesteps <= args.learning_starts:
-            raise SMACError(f"--learning-starts ({args.learning_starts}) must be smaller than --total-timesteps "
-                            f"({args.total_timesteps}): no update would happen")
+    def __init__(self, args: FinetuneArgs, device: torch.device):
         self.ckpt, self.actor, self.critic, self.target_critic = load_checkpoint(args.checkpoint, device)
         self.args, self.device, self.task = args, device, self.ckpt["task"]
         obs_mean, obs_std = self.ckpt["obs_mean"].numpy(), self.ckpt["obs_std"].numpy()
@@ -939,21 +972,18 @@ class OnlineRun:
         self.score_coef_final = self.score_coef / 100 if args.score_coef_final is None else args.score_coef_final
         if max(self.score_coef, self.score_coef_final) > 0:  # SMAC's penalty kept online
             self.score_model, self.score_scale = load_score_nets(self.ckpt, args.checkpoint, device)
-        self.offline_buffer, self.release_clock, self.kappa = None, 0, self.score_coef
-        if args.offline_ratio > 0:  # the offline dataset, normalized as offline, shares each online minibatch
-            data = load_dataset(self.ckpt["env"], self.ckpt["args"]["dataset_path"])
-            self.offline_buffer = dataset_buffer(data, obs_mean, obs_std, device)
+        self.kappa = self.score_coef
         self.buffer = ReplayBuffer(min(args.buffer_size, args.total_timesteps), len(obs_mean),
                                    self.env.action_space.shape[0], device)
         self.log = RunLog(args, check_env_name(self.ckpt["env"]))  # after every check: a bad input writes nothing
         updates = args.total_timesteps - args.learning_starts
         self.drop_window = args.drop_window if args.drop_window is not None else max(5000, updates // 10)
-        self.evals, self.kl, self.train_scores, self.new_returns, self.td_grad_norms = [], {}, [], [], []
-        self.step_scores = []  # (online env step, score) of each evaluation
+        self.evals, self.step_scores, self.kl, self.train_scores, self.new_returns = [], [], {}, [], []
+        self.critic_grad_norms = []
         self.obs, _ = self.env.reset(seed=args.seed)
-        self.evaluate(0, None)  # the offline policy opens the curve
 
     def env_step(self, step: int, action: np.ndarray) -> None:
+        """One step of the training env with `action`, stored in the replay buffer; episode ends logged."""
         next_obs, reward, terminated, truncated, info = self.env.step(action)
         self.buffer.add(observations=self.obs[None], actions=action[None], rewards=[reward],
                         next_observations=next_obs[None], dones=[terminated])  # a time-limit end still bootstraps
@@ -964,48 +994,25 @@ class OnlineRun:
             self.log.writer.add_scalar("charts/episodic_return", self.new_returns[-1], step)
             self.obs, _ = self.env.reset()
 
-    def sample(self, batch_size: int) -> dict:
-        """An online minibatch; with --offline-ratio r, round(r * batch_size) of it from the offline dataset."""
-        n_offline = round(self.args.offline_ratio * batch_size) if self.offline_buffer is not None else 0
-        batch = self.buffer.sample(batch_size - n_offline)
-        if n_offline == 0:
-            return batch
-        offline = self.offline_buffer.sample(n_offline)
-        return {k: torch.cat([v, offline[k]]) for k, v in batch.items()}
-
-    def score_penalty(self, obs: torch.Tensor, update: int) -> torch.Tensor:
-        """kappa_t * L_SM at the online batch's states for the update-th online update: SMAC's penalty kept online,
-        released as --score-coef-final and --score-release-updates say (0 once kappa_t is 0: plain SAC / TD3)."""
-        clock = update
-        if self.args.score_release_gate:
-            clock = self.release_clock = self.gated_clock(update)
-        kappa = self.kappa = released_score_coef(self.score_coef, self.score_coef_final,
-                                                  self.args.score_release_updates, clock)
+    def score_coef_at(self, update: int) -> float:
+        """kappa_t at the update-th online update (released_score_coef), logged and written with each evaluation."""
+        self.kappa = released_score_coef(self.score_coef, self.score_coef_final, self.args.score_release_updates,
+                                         update)
         if update % LOG_FREQ == 0:
-            self.log.writer.add_scalar("online/score_coef", kappa, update)
-        if kappa == 0:
-            return torch.zeros((), device=obs.device)
+            self.log.writer.add_scalar("online/score_coef", self.kappa, update)
+        return self.kappa
+
+    def score_matching_penalty(self, obs: torch.Tensor) -> torch.Tensor:
+        """L_SM (unweighted, as offline) at the online minibatch's states, with the checkpoint's frozen score nets."""
         with torch.no_grad():
             mean, log_std = self.actor(obs)
-        return kappa * score_matching_penalty(self.critic, self.score_scale, self.score_model, obs, mean,
-                                                        log_std, self.ckpt["w_query"])
+        return score_matching_penalty(self.critic, self.score_scale, self.score_model, obs, mean, log_std,
+                                      self.ckpt["w_query"])
 
-    def gated_clock(self, update: int) -> int:
-        """The release's clock under --score-release-gate: one step forward per update while the last 5 training
-        episodes since the hand-over score at least what the offline policy's own training episodes scored before it
-        (the step-0 evaluation if none ended), one step back otherwise: kappa_t falls only while the policy holds."""
-        if update == 1:
-            self.handover_episodes = len(self.train_scores)
-            before = self.train_scores[: self.handover_episodes]
-            self.reference_score = float(np.mean(before)) if before else self.evals[0][1]
-        recent = self.train_scores[self.handover_episodes:][-5:]
-        holding = not recent or float(np.mean(recent)) >= self.reference_score
-        return max(0, self.release_clock + (1 if holding else -1))
-
-    def critic_step(self) -> None:
-        """Call between the critic's backward and its optimizer step."""
-        if len(self.td_grad_norms) < 10:
-            self.td_grad_norms.append(torch.sqrt(sum((p.grad**2).sum() for p in self.critic.parameters())).item())
+    def record_critic_grad_norm(self) -> None:
+        """Reads the critic's gradient (call it after the critic loss's backward) for td_grad_ratio."""
+        if len(self.critic_grad_norms) < 10:
+            self.critic_grad_norms.append(torch.sqrt(sum((p.grad**2).sum() for p in self.critic.parameters())).item())
 
     def end_step(self, step: int, alpha: Optional[float] = None, **losses) -> None:
         """After each env step: the losses' log line once updates have begun, evaluations when due. alpha: SAC's
@@ -1017,9 +1024,11 @@ class OnlineRun:
         if step % self.args.eval_freq == 0 or step == self.args.total_timesteps or handover:
             self.evaluate(step, alpha)
 
-    def evaluate(self, step: int, alpha: Optional[float]) -> None:
+    def evaluate(self, step: int, alpha: Optional[float] = None) -> None:
+        """A row of metrics.csv and final.pt; at step 0 the offline policy's own score, which opens the curve."""
         with torch.no_grad():
-            kl = gaussian_kl(*self.offline_actor(self.probe_obs), *self.actor(self.probe_obs)).mean().item()
+            offline, online = self.offline_actor(self.probe_obs), self.actor(self.probe_obs)
+            kl = gaussian_kl(*offline, *online).mean().item()
         updates = max(0, step - self.args.learning_starts)
         returns = " ".join(f"{r:.2f}" for r in self.new_returns)  # the training episodes since the last row
         row = self.log.evaluation("step", step, self.actor, self.eval_env, self.args.eval_episodes, self.task,
@@ -1029,15 +1038,15 @@ class OnlineRun:
         self.step_scores.append((step, row["normalized_score"]))
         self.kl[updates], self.new_returns = kl, []
         save_checkpoint(os.path.join(self.log.dir, "final.pt"), self.actor, self.critic, self.target_critic,
-                        **{k: self.ckpt[k] for k in CHECKPOINT_KEYS[3:] if k != "alpha"}, step=step,
-                        alpha=float(self.ckpt["alpha"] if alpha is None else alpha),  # TD3 keeps the offline one
-                        online_args=asdict(self.args))
+                        **{k: self.ckpt[k] for k in CHECKPOINT_INFO if k != "alpha"}, step=step,
+                        alpha=float(self.ckpt["alpha"] if alpha is None else alpha),  # TD3 keeps the offline one,
+                        online_args=asdict(self.args))  # which a later SAC fine-tune of final.pt starts from
 
     def finish(self) -> dict:
         summary = transfer_metrics(self.evals, self.train_scores, self.drop_window)
-        summary["td_grad_ratio"] = float(np.mean(self.td_grad_norms)) / self.ckpt["td_grad_norm"]
-        summary.update(online_steps=self.args.total_timesteps, **budget_scores(self.step_scores,
-                                                                             self.args.total_timesteps))
+        summary["td_grad_ratio"] = float(np.mean(self.critic_grad_norms)) / self.ckpt["td_grad_norm"]
+        summary.update(online_steps=self.args.total_timesteps,
+                       **budget_scores(self.step_scores, self.args.total_timesteps))
         summary.update({f"kl_{u}": self.kl.get(u, math.nan) for u in HANDOVER_UPDATES})
         append_csv(os.path.join(self.log.dir, "summary.csv"), summary)
         for key, value in summary.items():
@@ -1046,6 +1055,13 @@ class OnlineRun:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
         print(f"fine-tuned checkpoint: {os.path.join(self.log.dir, 'final.pt')}")
         return {"run_dir": self.log.dir, **summary}
+
+
+def gaussian_kl(mean_p, log_std_p, mean_q, log_std_q) -> torch.Tensor:
+    # KL(pi_p || pi_q) of two tanh-Gaussians = KL of their Gaussians (tanh is a bijection); summed over dimensions
+    p = torch.distributions.Normal(mean_p, log_std_p.exp(), validate_args=False)  # unvalidated: a NaN policy gives a
+    q = torch.distributions.Normal(mean_q, log_std_q.exp(), validate_args=False)  # NaN KL; the weights check names it
+    return torch.distributions.kl_divergence(p, q).sum(-1)
 
 
 def on_ctrl_c(signum, frame) -> None:

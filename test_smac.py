@@ -1,6 +1,7 @@
 """Tests for SMAC. They make their own small data; run with `python -m pytest -q` (CPU, a few minutes)."""
 
 import csv
+import fcntl
 import functools
 import glob
 import http.server
@@ -9,8 +10,10 @@ import os
 import pty
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -56,9 +59,8 @@ def write_hdf5(path, n=400, obs_dim=OBS_DIM, act_dim=ACT_DIM, seed=0, drop=None,
 
 def small_args(tmp_path, dataset, **kw):
     base = dict(env="hopper-medium-v2", dataset_path=dataset and str(dataset), total_updates=30, batch_size=32,
-                hidden_dim=32,
-                eval_freq=0, eval_episodes=1, run_dir=str(tmp_path / "runs"), cuda=False,
-                score_model_updates=20)
+                hidden_dim=32, eval_freq=max(1, kw.get("total_updates", 30)), eval_episodes=1, cuda=False,
+                run_dir=str(tmp_path / "runs"), score_model_updates=20)
     return smac.Args(**{**base, **kw})
 
 
@@ -182,8 +184,8 @@ def test_penalty_actions_are_half_policy_samples_half_uniform():
 def test_episode_return_w_is_each_transitions_episode_return_normalized(tmp_path):
     rewards = np.ones(400, np.float32)
     rewards[100:200] = 3.0  # episodes: [0,50) terminal, [50,100) timeout, [100,150), [150,200), ... of 50 steps
-    data = smac.load_dataset("hopper-medium-v2", str(write_hdf5(tmp_path / "d.hdf5", rewards=rewards)))
-    w = data["episode_return_w"]
+    w = smac.episode_return_w(smac.load_dataset("hopper-medium-v2", str(write_hdf5(tmp_path / "d.hdf5",
+                                                                                   rewards=rewards))))
     assert w[0] == w[49] == 0.0 and w[100] == w[199] == 1.0 and len(np.unique(w)) == 2
 
 
@@ -440,15 +442,16 @@ def test_no_network_names_the_url_and_dataset_path(tmp_path, monkeypatch):
         smac.load_dataset("hopper-medium-v2", None)
 
 
-def test_empty_dataset_and_actions_outside_the_action_space(tmp_path):
+def test_empty_dataset_and_actions_outside_the_action_space(tmp_path, monkeypatch):
     with pytest.raises(smac.SMACError, match="holds no transitions"):
         smac.load_dataset("hopper-medium-v2", str(write_hdf5(tmp_path / "empty.hdf5", n=0)))
     actions = np.zeros((400, ACT_DIM), np.float32)
     actions[:4] = 1.5
+    buffers, dataset_buffer = [], smac.dataset_buffer
+    monkeypatch.setattr(smac, "dataset_buffer", lambda *a: buffers.append(dataset_buffer(*a)) or buffers[-1])
     with pytest.warns(UserWarning, match=r"1.00% of the action entries lie outside .*up to 1.5.*clipped"):
-        data = smac.load_dataset("hopper-medium-v2", str(write_hdf5(tmp_path / "wide.hdf5", actions=actions)))
-    buffer = smac.dataset_buffer(data, np.zeros(OBS_DIM), np.ones(OBS_DIM), torch.device("cpu"))
-    assert buffer.data["actions"].abs().max() == 1.0
+        smac.train(small_args(tmp_path, write_hdf5(tmp_path / "wide.hdf5", actions=actions), total_updates=2))
+    assert buffers[0].data["actions"].abs().max() == 1.0  # what the score model and the critic are trained on
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -616,6 +619,24 @@ def test_the_penalty_kept_online_holds_the_critic_near_the_dataset_score(tmp_pat
     assert kept_res < 0.85 * plain_res  # 300 updates, the same seed and data: only the penalty differs
 
 
+def test_a_deeper_mlp_above_the_banner_trains_saves_loads_and_fine_tunes(tmp_path, monkeypatch):
+    """A forker's change to the networks' layout needs no change below the banner: the checkpoint records its shapes
+    and the twin critic runs whatever Linear layers mlp builds."""
+    def deeper_mlp(in_dim, out_dim, hidden, activation=nn.ReLU):
+        return nn.Sequential(nn.Linear(in_dim, hidden), activation(), nn.Linear(hidden, hidden), activation(),
+                             nn.Linear(hidden, hidden), activation(), nn.Linear(hidden, out_dim))
+
+    monkeypatch.setattr(smac, "mlp", deeper_mlp)
+    result = smac.train(small_args(tmp_path, write_hdf5(tmp_path / "d.hdf5"), total_updates=5))
+    path = os.path.join(result["run_dir"], "smac.pt")
+    ckpt, actor, critic, _ = smac.load_checkpoint(path, torch.device("cpu"))
+    assert (ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]) == (OBS_DIM, ACT_DIM, 32) and len(actor.net) == 7
+    obs, actions = torch.randn(4, OBS_DIM), torch.rand(4, ACT_DIM) * 2 - 1
+    q_1 = critic.qs[0](torch.cat([obs, actions], -1)).squeeze(-1)  # the batched forward equals the plain MLP
+    torch.testing.assert_close(critic(obs, actions)[0], q_1)
+    assert sac_finetune.train(online_args(sac_finetune, tmp_path, path, total_timesteps=150))["train_episodes"] >= 0
+
+
 def test_released_score_coef_falls_geometrically_to_the_final_kappa_and_then_stays():
     assert smac.released_score_coef(10.0, 0.1, 1000, 0) == pytest.approx(10.0)
     assert smac.released_score_coef(10.0, 0.1, 1000, 500) == pytest.approx(1.0)  # halfway in log-kappa
@@ -653,44 +674,6 @@ def test_a_release_to_zero_stops_computing_the_penalty(tmp_path, offline_checkpo
     kappas.clear()
     module.train(online_args(module, tmp_path, offline_checkpoint[0], score_coef_final=0.0, score_release_updates=50))
     assert len(kappas) == 49  # updates 1..49; from the 50th kappa_t is 0 and the penalty costs nothing
-
-
-def test_the_gated_release_advances_only_while_the_policy_holds_its_start(tmp_path, offline_checkpoint, monkeypatch):
-    run = smac.OnlineRun(online_args(sac_finetune, tmp_path, offline_checkpoint[0], eval_episodes=1,
-                                     score_release_gate=True), torch.device("cpu"))
-    run.train_scores = [50.0]  # the offline policy's training episode before the hand-over
-    clocks = []
-    for update, new_episode in enumerate([None, None, 40.0, None, 60.0, 60.0], start=1):
-        if new_episode is not None:
-            run.train_scores.append(new_episode)
-        run.release_clock = run.gated_clock(update)
-        clocks.append(run.release_clock)
-    assert clocks == [1, 2, 1, 0, 1, 2]  # no episode yet: on; 40 < 50: back (twice); mean(40, 60) = 50: on
-    calls = []
-    monkeypatch.setattr(smac.OnlineRun, "gated_clock", lambda self, update: calls.append(update) or 0)
-    for gate, expected_calls in ((False, []), (True, list(range(1, 201)))):
-        calls.clear()
-        result = sac_finetune.train(online_args(sac_finetune, tmp_path, offline_checkpoint[0], score_coef_final=0.0,
-                                                score_release_updates=50, score_release_gate=gate))
-        assert calls == expected_calls
-        with open(os.path.join(result["run_dir"], "metrics.csv")) as f:
-            kappas = [float(r["score_coef"]) for r in csv.DictReader(f)]
-        assert kappas[-1] == (10.0 if gate else 0.0)  # a clock held at 0 keeps the checkpoint's kappa
-
-
-def test_offline_ratio_draws_that_share_of_each_minibatch_from_the_dataset(tmp_path, offline_checkpoint):
-    run = smac.OnlineRun(online_args(sac_finetune, tmp_path, offline_checkpoint[0], offline_ratio=0.25,
-                                     eval_episodes=1), torch.device("cpu"))
-    for step in range(1, 51):
-        run.env_step(step, run.env.action_space.sample())
-    batch = run.sample(32)
-    assert set(batch) == set(run.buffer.data) and all(len(v) == 32 for v in batch.values())
-    dataset_obs = run.offline_buffer.data["observations"]
-    from_dataset = [bool((dataset_obs == o).all(-1).any()) for o in batch["observations"]]
-    assert from_dataset == [False] * 24 + [True] * 8  # 24 online transitions, then 8 of the normalized dataset's
-    plain = smac.OnlineRun(online_args(sac_finetune, tmp_path, offline_checkpoint[0], eval_episodes=1),
-                           torch.device("cpu"))
-    assert plain.offline_buffer is None
 
 
 def test_drop_and_regret_definitions():
@@ -793,8 +776,10 @@ def run_script(args, tmp_path, stop_when_exists=None, tty=False, stop_signal=sig
     """Runs a script as a user would; with stop_when_exists, sends Ctrl-C (SIGINT, or stop_signal) once that file
     appears."""
     master, slave = pty.openpty() if tty else (None, None)
+    if tty:  # a terminal of 80 columns (a new pty has 0, and tqdm draws a bar as wide as the terminal)
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     proc = subprocess.Popen([sys.executable, *args], cwd=os.path.dirname(os.path.abspath(__file__)),
-                            stdout=slave if tty else subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=slave if tty else subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"},  # a background shell ignores SIGINT:
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # undo that
     if stop_when_exists:
@@ -813,7 +798,7 @@ def run_script(args, tmp_path, stop_when_exists=None, tty=False, stop_signal=sig
             if not chunk:
                 break
             chunks.append(chunk)
-        stdout, stderr = b"".join(chunks).decode(errors="replace"), proc.stderr.read().decode()
+        stdout, stderr = proc.stdout.read().decode(), b"".join(chunks).decode(errors="replace")
         proc.wait()
         return proc.returncode, stdout, stderr
     stdout, stderr = proc.communicate(timeout=300)
@@ -845,7 +830,7 @@ def test_progress_bar_on_a_terminal_only(tmp_path, tty):
                "--score-model-updates", "10", "--run-dir", str(tmp_path / "runs"), "--no-cuda"]
     code, stdout, stderr = run_script(command, tmp_path, tty=tty)
     assert code == 0, stderr
-    bar = "offline updates: 100%" in stderr and "it/s" in stderr  # tqdm draws on stderr, when stdout is a terminal
+    bar = "offline updates: 100%" in stderr and "it/s" in stderr  # tqdm draws on stderr when it is a terminal
     assert bar == tty and ("\r" in stdout + stderr) == tty
 
 

@@ -124,7 +124,7 @@ def main(args: Args) -> None:
     if args.memory_transitions:
         print(f"peak memory of smac.py with {args.memory_transitions} transitions (CPU, 200 updates): "
               f"{peak_memory_mb(args.memory_transitions, out):.0f} MB", flush=True)
-    common = dict(env=args.env, dataset_path=args.dataset_path, total_updates=args.updates, eval_freq=0,
+    common = dict(env=args.env, dataset_path=args.dataset_path, total_updates=args.updates, eval_freq=args.updates,
                   score_model_updates=10, eval_episodes=1, run_dir=out, cuda=False)
     sps = {name: [] for name in CONFIGS}
     if args.corl_td3_bc:
