@@ -310,6 +310,8 @@ def soft_update(net: nn.Module, target: nn.Module, tau: float) -> None:
 
 # ---------------------------------------------------------------- the offline loop
 def train(args: Args) -> dict:
+    """The two offline phases. What it calls from below the banner (data, buffer, env, logs, diagnostics, checkpoint)
+    is plumbing: it reads, records and writes, and changes nothing in the method."""
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     data = load_dataset(args.env, args.dataset_path)
@@ -579,7 +581,7 @@ def download(url: str, path: str) -> None:
                                disable=None) as source:
                 shutil.copyfileobj(source, out)
             done = out.tell()
-        if total and done != total:  # urllib returns what came before the server closed; it does not check
+        if total and done != total:  # urllib (and torch.hub's download) return what came before the server closed
             raise http.client.IncompleteRead(b"", total - done)
         if not h5py.is_hdf5(tmp):  # e.g. an HTML error page sent with status 200: it never enters the cache
             raise SMACError(f"{url} did not send an HDF5 file ({done} bytes; nothing was kept); check the URL or "
