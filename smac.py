@@ -417,6 +417,13 @@ class FinetuneArgs(RunArgs):
                             f"({self.total_timesteps}): no update would happen")
 
 
+def online_score_coefs(args: FinetuneArgs, checkpoint_kappa: float) -> tuple:
+    """(kappa at the hand-over, kappa after the release). Default: the checkpoint's kappa, released to a hundredth of
+    it; kept whole, the anchor holds the policy where it started (dev log, session 11)."""
+    start = checkpoint_kappa if args.score_coef is None else args.score_coef
+    return start, start / 100 if args.score_coef_final is None else args.score_coef_final
+
+
 def released_score_coef(start: float, final: float, release_updates: int, update: int) -> float:
     """kappa_t, the online weight of SMAC's penalty at the t-th update: geometric from the checkpoint's kappa to the
     final one over release_updates, then the final one. A final 0 is approached as start / 1000, then switched off,
@@ -969,9 +976,7 @@ class OnlineRun:
             raise SMACError(f"{args.checkpoint}: its observation statistics have shape {obs_mean.shape}, the env "
                             f"{self.env.spec.id} observes {self.env.observation_space.shape}")
         self.offline_actor, self.probe_obs = copy.deepcopy(self.actor), self.ckpt["probe_obs"].to(device)
-        self.score_coef = self.ckpt["args"]["score_coef"] if args.score_coef is None else args.score_coef
-        # released to kappa / 100 by default: kept whole, the anchor holds the policy where it started (dev log, s. 11)
-        self.score_coef_final = self.score_coef / 100 if args.score_coef_final is None else args.score_coef_final
+        self.score_coef, self.score_coef_final = online_score_coefs(args, self.ckpt["args"]["score_coef"])
         if max(self.score_coef, self.score_coef_final) > 0:  # SMAC's penalty kept online
             self.score_model, self.score_scale = load_score_nets(self.ckpt, args.checkpoint, device)
         self.kappa = self.score_coef
