@@ -469,7 +469,7 @@ def budget_scores(step_scores: list, total_steps: int) -> dict:
 
 
 # ======================================================================================================================
-# TRY NOT TO MODIFY: the plumbing. Checks, D4RL and Minari data, evaluation, replay, logs, checkpoints, online helpers.
+# TRY NOT TO MODIFY: the plumbing. Flag checks, D4RL and Minari data, envs, replay, logs, checkpoints, OnlineRun.
 # ======================================================================================================================
 
 # D4RL's v2 data came from the v3 MuJoCo envs; gymnasium's v4 envs have the same model (v5 changed it), so v4 it is.
