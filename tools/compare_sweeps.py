@@ -97,7 +97,8 @@ def climb_targets(label: str, rows: list) -> list:
         versus = []
         for dataset in sorted({r["dataset"] for r in rows}):
             regret = mean("regret", method="smac", finetuner=tuner, dataset=dataset)
-            best = min(((mean("regret", method=p, dataset=dataset), p) for p in peers), default=(float("nan"), "-"))
+            ran = [(mean("regret", method=p, dataset=dataset), p) for p in peers]  # a peer with no row here: NaN
+            best = min([(r, p) for r, p in ran if np.isfinite(r)], default=(float("nan"), "-"))
             versus.append(f"{dataset}: {regret:.3f} vs {best[1]} {best[0]:.3f} ({100 * (1 - regret / best[0]):.0f}%)")
         lines.append(f"| {label} | {tuner} | {mean('drop', method='smac', finetuner=tuner):.2f} | {smac_30k:.1f} | "
                      f"{anchor_30k:.1f} ({smac_30k / anchor_30k:.2f}x) | "

@@ -66,3 +66,10 @@ def test_the_climb_targets_of_a_sweep_with_anchor_and_peer_rows(tmp_path):
     out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop"]))
     assert ("| c | sac | 2.00 | 70.0 | 40.0 (1.75x) | 60.0 | d1: 0.500 vs calql 0.625 (20%); "
             "d2: 0.300 vs iql 0.600 (50%) |") in out
+    with open(path, "w", newline="") as f:  # a sweep in progress: calql has no d2 row yet; iql is d2's best peer
+        writer = csv.writer(f)
+        writer.writerow(fields)
+        writer.writerows([(d, t, m, 1, drop, regret, s30) for d, t, m, drop, regret, s30 in rows
+                          if (d, m) != ("d2", "calql")])
+    out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop"]))
+    assert "d1: 0.500 vs calql 0.625 (20%); d2: 0.300 vs iql 0.600 (50%) |" in out
