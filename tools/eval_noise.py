@@ -1,8 +1,9 @@
 """How noisy is an evaluation? One checkpoint's deterministic policy over disjoint sets of episode seeds: the spread
 of the per-set mean normalized score is what a fixed policy's evaluation varies by (the fine-tuners use seeds 0..E-1;
-any online update changes the policy enough to redraw its episodes).
+any online update changes the policy enough to redraw its episodes). With --window-evals K, also the drop a policy
+that never changes would show: the step-0 evaluation and K more in the drop window, drawn as distinct sets.
 
-    python tools/eval_noise.py runs/<run>/smac.pt --sets 10 --episodes 5
+    python tools/eval_noise.py runs/<run>/smac.pt --sets 30 --episodes 5 --window-evals 7
 """
 
 import os
@@ -26,6 +27,10 @@ class Args:
     """disjoint sets of episode seeds"""
     episodes: int = 5
     """episodes per set (the evaluation size under test)"""
+    window_evals: int = 0
+    """evaluations in the drop window after step 0 (0: skip the drop floor; climb-30k's protocol has 7)"""
+    draws: int = 20_000
+    """random draws of the sets that estimate the drop floor"""
 
 
 @torch.no_grad()
@@ -43,11 +48,23 @@ def set_means(path: str, sets: int, episodes: int) -> np.ndarray:
     return np.array(scores).reshape(sets, episodes).mean(1)
 
 
+def drop_floor(means: np.ndarray, window_evals: int, draws: int, seed: int = 0) -> float:
+    """E[max(0, X_0 - min(X_1..X_K))] over K + 1 distinct sets X drawn at random: the drop (transfer_metrics) of a
+    policy whose score distribution never moves, each evaluation a fresh draw of its episodes."""
+    if len(means) < window_evals + 1:
+        raise smac.SMACError(f"--window-evals {window_evals} needs at least {window_evals + 1} sets, got {len(means)}")
+    rng = np.random.default_rng(seed)
+    picks = means[np.argsort(rng.random((draws, len(means))), axis=1)[:, :window_evals + 1]]
+    return float(np.maximum(0.0, picks[:, 0] - picks[:, 1:].min(1)).mean())
+
+
 def main(args: Args) -> None:
     for path in args.checkpoints:
         means = set_means(path, args.sets, args.episodes)
+        floor = (f"; drop of an unchanged policy over {args.window_evals} window evaluations "
+                 f"{drop_floor(means, args.window_evals, args.draws):.2f}" if args.window_evals else "")
         print(f"{path}: {args.episodes}-episode means {np.round(means, 1).tolist()}; std {means.std():.1f}, "
-              f"range {means.min():.1f}-{means.max():.1f}")
+              f"range {means.min():.1f}-{means.max():.1f}{floor}")
 
 
 if __name__ == "__main__":
