@@ -32,6 +32,14 @@ class Args:
     draws: int = 20_000
     """random draws of the sets that estimate the drop floor"""
 
+    def __post_init__(self):  # before any episode runs: bad flags cost nothing
+        check_enough_sets(self.sets, self.window_evals)
+
+
+def check_enough_sets(sets: int, window_evals: int) -> None:
+    if sets < window_evals + 1:
+        raise smac.SMACError(f"--window-evals {window_evals} needs at least {window_evals + 1} sets, got {sets}")
+
 
 @torch.no_grad()
 def set_means(path: str, sets: int, episodes: int) -> np.ndarray:
@@ -51,8 +59,7 @@ def set_means(path: str, sets: int, episodes: int) -> np.ndarray:
 def drop_floor(means: np.ndarray, window_evals: int, draws: int, seed: int = 0) -> float:
     """E[max(0, X_0 - min(X_1..X_K))] over K + 1 distinct sets X drawn at random: the drop (transfer_metrics) of a
     policy whose score distribution never moves, each evaluation a fresh draw of its episodes."""
-    if len(means) < window_evals + 1:
-        raise smac.SMACError(f"--window-evals {window_evals} needs at least {window_evals + 1} sets, got {len(means)}")
+    check_enough_sets(len(means), window_evals)
     rng = np.random.default_rng(seed)
     picks = means[np.argsort(rng.random((draws, len(means))), axis=1)[:, :window_evals + 1]]
     return float(np.maximum(0.0, picks[:, 0] - picks[:, 1:].min(1)).mean())
