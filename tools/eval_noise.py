@@ -33,6 +33,8 @@ class Args:
     """random draws of the sets that estimate the drop floor"""
 
     def __post_init__(self):  # before any episode runs: bad flags cost nothing
+        smac.check_flags(self, smac.AT_LEAST_1, "sets", "episodes", "draws")
+        smac.check_flags(self, smac.AT_LEAST_0, "window_evals")
         check_enough_sets(self.sets, self.window_evals)
 
 

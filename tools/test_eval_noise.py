@@ -30,3 +30,11 @@ def test_drop_floor_is_the_expected_fall_between_fresh_draws():
     assert eval_noise.drop_floor(spread, 7, 20_000) > eval_noise.drop_floor(spread, 1, 20_000) > 0
     with pytest.raises(eval_noise.smac.SMACError, match="needs at least 8 sets"):
         eval_noise.drop_floor(spread[:7], 7, 100)
+
+
+@pytest.mark.parametrize("flags, message", [({"sets": 0}, "--sets"), ({"episodes": 0}, "--episodes"),
+                                            ({"window_evals": -1}, "--window-evals"),
+                                            ({"sets": 7, "window_evals": 7}, "needs at least 8 sets")])
+def test_bad_flags_fail_before_any_episode(flags, message):
+    with pytest.raises(eval_noise.smac.SMACError, match=message):
+        eval_noise.Args(checkpoints=["does-not-matter.pt"], **flags)
