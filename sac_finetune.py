@@ -1,19 +1,16 @@
-"""Online SAC fine-tuning of a SMAC checkpoint.
+"""Online SAC fine-tuning of a SMAC checkpoint: CleanRL's sac_continuous_action.py, acting with the loaded policy from
+the first step, whose critic loss keeps SMAC's penalty kappa_t * L_SM (the checkpoint's frozen diffusion model),
+released from the checkpoint's kappa to kappa / 100 over the first 15k updates (--score-coef 0: plain SAC).
 
     python sac_finetune.py --checkpoint runs/<run_name>/smac.pt
-
-The online phase is SAC (CleanRL's sac_continuous_action.py, acting with the loaded policy from the first step) whose
-critic loss keeps SMAC's penalty, kappa_t * L_SM with the checkpoint's frozen diffusion model: without it (plain SAC,
---score-coef 0) online TD rewrites the critic's action structure within 100 updates and the policy falls; kept whole
-(--score-coef-final 10) it holds the policy where it started. So kappa_t is released, geometrically from the
-checkpoint's kappa to kappa / 100 over the first 15k updates (README). The flags both fine-tuners share, and what the
-loop calls `run.` for (envs, replay buffer, evaluations, files), are in smac.py: FinetuneArgs and OnlineRun.
 """
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import tqdm
 
 import smac
 
@@ -27,64 +24,94 @@ class Args(smac.FinetuneArgs):
     autotune: bool = True
     """if toggled, alpha (starting from the checkpoint's) is tuned toward the target entropy -act_dim"""
 
-    def __post_init__(self):
-        super().__post_init__()
-        smac.check_flags(self, smac.AT_LEAST_1, "policy_frequency")
-
 
 def train(args: Args) -> dict:
     smac.seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    run = smac.OnlineRun(args, device)
-    actor, critic, target_critic = run.actor, run.critic, run.target_critic
+    ckpt, actor, critic, target_critic = smac.load_checkpoint(args.checkpoint, device)
+    kappa_0, kappa_final = smac.online_score_coefs(args, ckpt["args"]["score_coef"])
+    if max(kappa_0, kappa_final) > 0:  # SMAC's penalty online: the checkpoint's frozen score model and alpha_psi
+        score_model, score_scale = smac.load_score_nets(ckpt, args.checkpoint, device)
+    task, obs_mean, obs_std = ckpt["task"], ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
+    env, eval_env = smac.make_env(task, obs_mean, obs_std), smac.make_env(task, obs_mean, obs_std)
+    rb = smac.ReplayBuffer(min(args.buffer_size, args.total_timesteps), len(obs_mean), ckpt["act_dim"], device)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr)
-    log_alpha = torch.tensor(math.log(run.ckpt["alpha"]), device=device, requires_grad=True)
+    log_alpha = torch.tensor(math.log(ckpt["alpha"]), device=device, requires_grad=True)
     alpha, alpha_opt = log_alpha.exp().item(), torch.optim.Adam([log_alpha], lr=args.q_lr)
-    target_entropy = -float(run.env.action_space.shape[0])
-    run.evaluate(step=0)  # the offline policy opens the curve
+    target_entropy = -float(ckpt["act_dim"])
 
-    critic_loss = actor_loss = torch.zeros(())
-    for step in smac.progress(range(1, args.total_timesteps + 1), "online steps"):
-        with torch.no_grad():
-            action = actor.act(torch.as_tensor(run.obs, device=device)[None])[0].cpu().numpy()
-        run.env_step(step, action)
+    with smac.RunLog(args, ckpt["env"]) as log:
+        obs, _ = env.reset(seed=args.seed)
+        kappa, train_scores, critic_loss, actor_loss = kappa_0, [], torch.zeros(()), torch.zeros(())
+        evals = [(0, log.evaluation("step", 0, actor, eval_env, args.eval_episodes, task, updates=0,
+                                    score_coef=kappa))]  # the offline policy opens the curve
+        for step in tqdm(range(1, args.total_timesteps + 1), "online steps", disable=None):
+            with torch.no_grad():
+                action = actor.act(torch.as_tensor(obs, device=device)[None])[0].cpu().numpy()
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            # a time-limit end (truncated) is not a terminal state: its target still bootstraps
+            rb.add(observations=obs[None], actions=action[None], rewards=[reward], next_observations=next_obs[None],
+                   dones=[terminated])
+            obs = next_obs
+            if terminated or truncated:  # the episode's return: TensorBoard, and episodes.csv for regret
+                episode_return = float(info["episode"]["r"])
+                train_scores.append(smac.normalized_score(task, episode_return))
+                episode = {"step": step, "return": episode_return, "normalized_score": train_scores[-1]}
+                log.writer.add_scalar("charts/episodic_return", episode_return, step)
+                smac.append_csv(os.path.join(log.dir, "episodes.csv"), episode)
+                obs, _ = env.reset()
 
-        # ALGO LOGIC: training
-        if step > args.learning_starts:
-            update = step - args.learning_starts  # online updates since the hand-over
-            smac.warm_up_lr({actor_opt: args.policy_lr, critic_opt: args.q_lr}, update, args.lr_warmup)
-            batch = run.buffer.sample(args.batch_size)
-            # L_Q = sum_i E (Q_i(s, a) - y)^2,  y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s'))
-            y = smac.soft_td_target(actor, target_critic, batch, args.gamma, alpha)
-            critic_loss = smac.td_loss(critic, batch, y)
-            if (kappa := run.score_coef_at(update)) > 0:  # + kappa_t L_SM: SMAC's penalty kept online, released
-                critic_loss = critic_loss + kappa * run.score_matching_penalty(batch["observations"])
-            critic_opt.zero_grad()
-            critic_loss.backward()
-            run.record_critic_grad_norm()
-            critic_opt.step()
+            # ALGO LOGIC: training
+            if step > args.learning_starts:
+                update = step - args.learning_starts  # online updates since the hand-over
+                batch = rb.sample(args.batch_size)
+                # L_Q = sum_i E (Q_i(s, a) - y)^2,  y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s'))
+                y = smac.soft_td_target(actor, target_critic, batch, args.gamma, alpha)
+                critic_loss = smac.td_loss(critic, batch, y)
+                kappa = smac.released_score_coef(kappa_0, kappa_final, args.score_release_updates, update)
+                if kappa > 0:  # + kappa_t L_SM: SMAC's penalty, at the minibatch's states
+                    with torch.no_grad():
+                        policy = actor(batch["observations"])
+                    critic_loss = critic_loss + kappa * smac.score_matching_penalty(
+                        critic, score_scale, score_model, batch["observations"], *policy, ckpt["w_query"])
+                critic_opt.zero_grad()
+                critic_loss.backward()
+                critic_opt.step()
 
-            if step % args.policy_frequency == 0:
-                for _ in range(args.policy_frequency):
-                    # L_pi = E_s E_{a~pi} [alpha log pi(a|s) - min_i Q_i(s, a)]
-                    obs = batch["observations"]
-                    actor_loss = smac.sac_actor_loss(*actor(obs), obs, critic, alpha)
-                    actor_opt.zero_grad()
-                    actor_loss.backward()
-                    actor_opt.step()
-                    if args.autotune:
-                        # L_alpha = E_{a~pi} [-alpha (log pi(a|s) + target_entropy)], a from the updated actor
-                        with torch.no_grad():
-                            _, log_pi = smac.tanh_gaussian_sample(*actor(batch["observations"]))
-                        alpha_loss = (-log_alpha.exp() * (log_pi + target_entropy)).mean()
-                        alpha_opt.zero_grad()
-                        alpha_loss.backward()
-                        alpha_opt.step()
-                        alpha = log_alpha.exp().item()
-            smac.soft_update(critic, target_critic, args.tau)
-        run.end_step(step, alpha, critic_loss=critic_loss, actor_loss=actor_loss)
-    return run.finish()
+                if step % args.policy_frequency == 0:
+                    for _ in range(args.policy_frequency):
+                        # L_pi = E_s E_{a~pi} [alpha log pi(a|s) - min_i Q_i(s, a)]
+                        obs_batch = batch["observations"]
+                        actor_loss = smac.sac_actor_loss(*actor(obs_batch), obs_batch, critic, alpha)
+                        actor_opt.zero_grad()
+                        actor_loss.backward()
+                        actor_opt.step()
+                        if args.autotune:
+                            # L_alpha = E_{a~pi} [-alpha (log pi(a|s) + target_entropy)], a from the updated actor
+                            with torch.no_grad():
+                                _, log_pi = smac.tanh_gaussian_sample(*actor(obs_batch))
+                            alpha_loss = (-log_alpha.exp() * (log_pi + target_entropy)).mean()
+                            alpha_opt.zero_grad()
+                            alpha_loss.backward()
+                            alpha_opt.step()
+                            alpha = log_alpha.exp().item()
+                smac.soft_update(critic, target_critic, args.tau)
+                log.losses("online", step, args.total_timesteps, critic_loss=critic_loss, actor_loss=actor_loss,
+                           alpha=alpha, score_coef=kappa)
+
+            if step % args.eval_freq == 0 or step == args.total_timesteps:
+                updates = max(0, step - args.learning_starts)
+                score = log.evaluation("step", step, actor, eval_env, args.eval_episodes, task, updates=updates,
+                                       score_coef=kappa)
+                evals.append((updates, score))
+                info = {k: ckpt[k] for k in smac.CHECKPOINT_INFO if k != "alpha"}  # alpha: SAC's, as tuned online
+                log.save("final.pt", actor, critic, target_critic, **info, alpha=alpha, step=step,
+                         online_args=asdict(args))
+        summary = smac.transfer_metrics(evals, train_scores, args.drop_window)
+        smac.append_csv(os.path.join(log.dir, "summary.csv"), summary)
+        print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()), f"\nfine-tuned checkpoint: {log.last_checkpoint}")
+    return {"run_dir": log.dir, **summary}
 
 
 if __name__ == "__main__":

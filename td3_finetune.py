@@ -1,17 +1,16 @@
-"""Online TD3 (or TD3+BC with --bc-coef) fine-tuning of a SMAC checkpoint.
+"""Online TD3 (or TD3+BC with --bc-coef) fine-tuning of a SMAC checkpoint: CleanRL's td3_continuous_action.py with
+the deterministic actor mu(s) = tanh(mean(s)) of the loaded Gaussian actor (so the first online policy is the offline
+policy's mean action) and the loaded twin critics, whose loss keeps SMAC's penalty as in sac_finetune.py.
 
     python td3_finetune.py --checkpoint runs/<run_name>/smac.pt
-
-The deterministic actor is mu(s) = tanh(mean(s)) of the loaded Gaussian actor, so the first online policy is exactly
-the offline policy's mean action; the twin critics and their targets are the loaded ones. The rest is CleanRL's
-td3_continuous_action.py, with SMAC's penalty kept in the critic loss as in sac_finetune.py (--score-coef 0: plain TD3).
-The flags both fine-tuners share, and what the loop calls `run.` for, are in smac.py: FinetuneArgs and OnlineRun.
 """
 
 import copy
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 
 import torch
+from tqdm import tqdm
 
 import smac
 
@@ -29,73 +28,97 @@ class Args(smac.FinetuneArgs):
     noise_clip: float = 0.5
     """the target-policy smoothing noise is clipped to [-noise_clip, noise_clip]"""
     bc_coef: float = 0.0
-    """> 0: online TD3+BC, actor loss -Q/mean|Q| + bc_coef * ||mu(s) - a||^2 (TD3+BC's alpha = 2.5 is 0.4)"""
-
-    def __post_init__(self):
-        super().__post_init__()
-        smac.check_flags(self, smac.AT_LEAST_1, "policy_frequency")
-        smac.check_flags(self, smac.NON_NEGATIVE, "exploration_noise", "policy_noise", "noise_clip", "bc_coef")
-
-
-def deterministic_action(actor: smac.Actor, obs: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(actor(obs)[0])  # mu(s) = tanh(mean(s))
+    """> 0: online TD3+BC, actor loss -Q/mean|Q| + bc_coef * ||mu(s) - a||^2 (TD3+BC's own alpha = 2.5 is 0.4 here)"""
 
 
 def train(args: Args) -> dict:
     smac.seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    run = smac.OnlineRun(args, device)
-    actor, critic, target_critic = run.actor, run.critic, run.target_critic
+    ckpt, actor, critic, target_critic = smac.load_checkpoint(args.checkpoint, device)
     target_actor = copy.deepcopy(actor)
+    kappa_0, kappa_final = smac.online_score_coefs(args, ckpt["args"]["score_coef"])
+    if max(kappa_0, kappa_final) > 0:  # SMAC's penalty online: the checkpoint's frozen score model and alpha_psi
+        score_model, score_scale = smac.load_score_nets(ckpt, args.checkpoint, device)
+    task, obs_mean, obs_std = ckpt["task"], ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
+    env, eval_env = smac.make_env(task, obs_mean, obs_std), smac.make_env(task, obs_mean, obs_std)
+    rb = smac.ReplayBuffer(min(args.buffer_size, args.total_timesteps), len(obs_mean), ckpt["act_dim"], device)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.q_lr)
-    run.evaluate(step=0)  # the offline policy opens the curve
 
-    critic_loss = actor_loss = torch.zeros(())
-    for step in smac.progress(range(1, args.total_timesteps + 1), "online steps"):
-        with torch.no_grad():
-            action = deterministic_action(actor, torch.as_tensor(run.obs, device=device)[None])[0]
-            action = (action + args.exploration_noise * torch.randn_like(action)).clamp(-1, 1).cpu().numpy()
-        run.env_step(step, action)
-
-        # ALGO LOGIC: training
-        if step > args.learning_starts:
-            update = step - args.learning_starts  # online updates since the hand-over
-            smac.warm_up_lr({actor_opt: args.policy_lr, critic_opt: args.q_lr}, update, args.lr_warmup)
-            batch = run.buffer.sample(args.batch_size)
+    with smac.RunLog(args, ckpt["env"]) as log:
+        obs, _ = env.reset(seed=args.seed)
+        kappa, train_scores, critic_loss, actor_loss = kappa_0, [], torch.zeros(()), torch.zeros(())
+        evals = [(0, log.evaluation("step", 0, actor, eval_env, args.eval_episodes, task, updates=0,
+                                    score_coef=kappa))]  # the offline policy opens the curve
+        for step in tqdm(range(1, args.total_timesteps + 1), "online steps", disable=None):
             with torch.no_grad():
-                # y = r + gamma (1 - d) min_i Q'_i(s', clip(mu'(s') + clip(eps, -c, c), -1, 1)),  eps ~ N(0, sigma^2)
-                noise = torch.randn_like(batch["actions"]) * args.policy_noise
-                noise = noise.clamp(-args.noise_clip, args.noise_clip)
-                next_actions = (deterministic_action(target_actor, batch["next_observations"]) + noise).clamp(-1, 1)
-                next_q = target_critic(batch["next_observations"], next_actions).min(0).values
-                y = batch["rewards"].squeeze(-1) + args.gamma * (1 - batch["dones"].squeeze(-1)) * next_q
-            # L_Q = sum_i E (Q_i(s, a) - y)^2
-            critic_loss = smac.td_loss(critic, batch, y)
-            if (kappa := run.score_coef_at(update)) > 0:  # + kappa_t L_SM: SMAC's penalty kept online, released
-                critic_loss = critic_loss + kappa * run.score_matching_penalty(batch["observations"])
-            critic_opt.zero_grad()
-            critic_loss.backward()
-            run.record_critic_grad_norm()
-            critic_opt.step()
+                action = actor.act(torch.as_tensor(obs, device=device)[None], deterministic=True)[0]
+                action = (action + args.exploration_noise * torch.randn_like(action)).clamp(-1, 1).cpu().numpy()
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            # a time-limit end (truncated) is not a terminal state: its target still bootstraps
+            rb.add(observations=obs[None], actions=action[None], rewards=[reward], next_observations=next_obs[None],
+                   dones=[terminated])
+            obs = next_obs
+            if terminated or truncated:  # the episode's return: TensorBoard, and episodes.csv for regret
+                episode_return = float(info["episode"]["r"])
+                train_scores.append(smac.normalized_score(task, episode_return))
+                episode = {"step": step, "return": episode_return, "normalized_score": train_scores[-1]}
+                log.writer.add_scalar("charts/episodic_return", episode_return, step)
+                smac.append_csv(os.path.join(log.dir, "episodes.csv"), episode)
+                obs, _ = env.reset()
 
-            if step % args.policy_frequency == 0:
-                mu = deterministic_action(actor, batch["observations"])
-                critic.requires_grad_(False)
-                q1 = critic(batch["observations"], mu)[0]
-                critic.requires_grad_(True)
-                if args.bc_coef > 0:  # TD3+BC: L = -Q_1(s, mu(s)) / mean|Q_1| + bc_coef * ||mu(s) - a||^2
-                    bc_loss = (mu - batch["actions"]).pow(2).mean()
-                    actor_loss = -q1.mean() / q1.abs().mean().detach() + args.bc_coef * bc_loss
-                else:  # TD3: L = -Q_1(s, mu(s))
-                    actor_loss = -q1.mean()
-                actor_opt.zero_grad()
-                actor_loss.backward()
-                actor_opt.step()
-                smac.soft_update(actor, target_actor, args.tau)
-                smac.soft_update(critic, target_critic, args.tau)
-        run.end_step(step, critic_loss=critic_loss, actor_loss=actor_loss)
-    return run.finish()
+            # ALGO LOGIC: training
+            if step > args.learning_starts:
+                update = step - args.learning_starts  # online updates since the hand-over
+                batch = rb.sample(args.batch_size)
+                with torch.no_grad():
+                    # y = r + gamma (1 - d) min_i Q'_i(s', clip(mu'(s') + clip(eps, -c, c), -1, 1)), eps ~ N(0, sigma^2)
+                    noise = torch.randn_like(batch["actions"]) * args.policy_noise
+                    noise = noise.clamp(-args.noise_clip, args.noise_clip)
+                    next_mu = target_actor.act(batch["next_observations"], deterministic=True)
+                    next_actions = (next_mu + noise).clamp(-1, 1)
+                    next_q = target_critic(batch["next_observations"], next_actions).min(0).values
+                    y = batch["rewards"].squeeze(-1) + args.gamma * (1 - batch["dones"].squeeze(-1)) * next_q
+                critic_loss = smac.td_loss(critic, batch, y)  # L_Q = sum_i E (Q_i(s, a) - y)^2
+                kappa = smac.released_score_coef(kappa_0, kappa_final, args.score_release_updates, update)
+                if kappa > 0:  # + kappa_t L_SM: SMAC's penalty, at the minibatch's states
+                    with torch.no_grad():
+                        policy = actor(batch["observations"])
+                    critic_loss = critic_loss + kappa * smac.score_matching_penalty(
+                        critic, score_scale, score_model, batch["observations"], *policy, ckpt["w_query"])
+                critic_opt.zero_grad()
+                critic_loss.backward()
+                critic_opt.step()
+
+                if step % args.policy_frequency == 0:
+                    mu = actor.act(batch["observations"], deterministic=True)
+                    critic.requires_grad_(False)
+                    q_1 = critic(batch["observations"], mu)[0]
+                    critic.requires_grad_(True)
+                    if args.bc_coef > 0:  # TD3+BC: L = -Q_1(s, mu(s)) / mean|Q_1| + bc_coef * ||mu(s) - a||^2
+                        bc_loss = (mu - batch["actions"]).pow(2).mean()
+                        actor_loss = -q_1.mean() / q_1.abs().mean().detach() + args.bc_coef * bc_loss
+                    else:  # TD3: L = -Q_1(s, mu(s))
+                        actor_loss = -q_1.mean()
+                    actor_opt.zero_grad()
+                    actor_loss.backward()
+                    actor_opt.step()
+                    smac.soft_update(actor, target_actor, args.tau)
+                    smac.soft_update(critic, target_critic, args.tau)
+                log.losses("online", step, args.total_timesteps, critic_loss=critic_loss, actor_loss=actor_loss,
+                           score_coef=kappa)
+
+            if step % args.eval_freq == 0 or step == args.total_timesteps:
+                updates = max(0, step - args.learning_starts)
+                score = log.evaluation("step", step, actor, eval_env, args.eval_episodes, task, updates=updates,
+                                       score_coef=kappa)
+                evals.append((updates, score))
+                log.save("final.pt", actor, critic, target_critic, **{k: ckpt[k] for k in smac.CHECKPOINT_INFO},
+                         step=step, online_args=asdict(args))  # alpha: the offline one, for a later SAC fine-tune
+        summary = smac.transfer_metrics(evals, train_scores, args.drop_window)
+        smac.append_csv(os.path.join(log.dir, "summary.csv"), summary)
+        print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()), f"\nfine-tuned checkpoint: {log.last_checkpoint}")
+    return {"run_dir": log.dir, **summary}
 
 
 if __name__ == "__main__":

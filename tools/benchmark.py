@@ -114,8 +114,8 @@ def corl_td3_bc_sps(path: str, args: Args) -> float:
 CONFIGS = {  # the diffusion model's own training (--score-model-updates) is timed apart by smac.py's log
     "score-coef 0 (baseline)": dict(score_coef=0.0),
     "SMAC (defaults)": dict(),
-    "SMAC, --score-batch-size 64": dict(score_batch_size=64),
-    "SMAC, --score-batch-size 32": dict(score_batch_size=32),
+    "SMAC, --penalty-states 64": dict(penalty_states=64),
+    "SMAC, --penalty-states 32": dict(penalty_states=32),
 }
 
 
@@ -124,8 +124,8 @@ def main(args: Args) -> None:
     if args.memory_transitions:
         print(f"peak memory of smac.py with {args.memory_transitions} transitions (CPU, 200 updates): "
               f"{peak_memory_mb(args.memory_transitions, out):.0f} MB", flush=True)
-    common = dict(env=args.env, dataset_path=args.dataset_path, total_updates=args.updates, eval_freq=args.updates,
-                  score_model_updates=10, eval_episodes=1, run_dir=out, cuda=False)
+    common = dict(env=args.env, dataset_path=args.dataset_path, total_updates=args.updates,
+                  eval_freq_updates=args.updates, score_model_updates=10, eval_episodes=1, run_dir=out, cuda=False)
     sps = {name: [] for name in CONFIGS}
     if args.corl_td3_bc:
         sps["CORL td3_bc.py"] = []

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import List
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
@@ -38,7 +39,7 @@ class Args:
     online_steps: int = 1000
     """transitions the offline policy collects before the updates (the fine-tuners' --learning-starts)"""
     states: int = 256
-    """dataset states (the checkpoint's KL probe states) at which the critic is compared"""
+    """dataset states (evenly spaced over the dataset) at which the critic is compared"""
     samples: int = 16
     """policy samples per state"""
     q_lr: float = 3e-4
@@ -70,7 +71,10 @@ def probe(path: str, args: Args) -> List[dict]:
                    dones=[terminated])
         obs = env.reset()[0] if terminated or truncated else next_obs
 
-    states = ckpt["probe_obs"][: args.states]
+    data = smac.load_dataset(ckpt["env"], ckpt["args"]["dataset_path"])  # evenly spaced dataset states
+    idx = np.linspace(0, len(data["observations"]) - 1, args.states).astype(int)
+    obs_mean, obs_std = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
+    states = torch.as_tensor((data["observations"][idx] - obs_mean) / obs_std, dtype=torch.float32)
     with torch.no_grad():  # (samples, states) grids of actions and of the offline critic's values
         mean, log_std = actor(states)
         actions = smac.tanh_gaussian_sample(mean.repeat(args.samples, 1), log_std.repeat(args.samples, 1))[0]

@@ -13,7 +13,6 @@ Needs: pip install -r tools/requirements-peers.txt (pyrallis).
 """
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -75,7 +74,8 @@ def check(args: Args) -> str:
         raise smac.SMACError(f"--eval-freq {args.eval_freq} must divide --offline-updates {args.offline_updates} and "
                              f"--online-steps {args.online_steps} (CORL evaluates every eval_freq iterations; the "
                              "step-0 score is its evaluation at the end of the offline phase)")
-    smac.check_writable_folder(args.run_dir, "--run-dir")
+    if os.path.isfile(args.run_dir):
+        raise smac.SMACError(f"--run-dir {args.run_dir} is a file, not a folder")
     return script
 
 
@@ -125,9 +125,7 @@ def main(args: Args) -> dict:
                                                                 "updates": step})
     window = args.drop_window if args.drop_window is not None else max(5000, args.online_steps // 10)
     summary = smac.transfer_metrics(online, train_scores, window)
-    summary.update(online_steps=args.online_steps, **smac.budget_scores(online, args.online_steps),
-                   td_grad_ratio=math.nan, **{f"kl_{u}": math.nan for u in smac.HANDOVER_UPDATES},
-                   offline_score=offline[-1][1],
+    summary.update(online_steps=args.online_steps, offline_score=offline[-1][1],
                    updates_per_second=(args.offline_updates + args.online_steps) / seconds)
     smac.append_csv(os.path.join(run_dir, "summary.csv"), summary)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
