@@ -1,8 +1,8 @@
 """Side by side: the transfer metrics of several sweeps (summary.csv files of tools/run_experiment.py), mean ± std
-over seeds per dataset x fine-tuner x method, one row per sweep, and the per-fine-tuner targets of issue 12 (SMAC's
-mean drop, and its regret relative to the baseline's, over all datasets); for a sweep with smac-anchor rows, issue
-21's (no drop and a climb: SMAC's drop, its score at 30k against smac-anchor's and smac-plain's, its regret against
-every peer's on each dataset).
+(sample, ddof 1) over seeds per dataset x fine-tuner x method, one row per sweep, and the per-fine-tuner targets of
+issue 12 (SMAC's mean drop, and its regret relative to the baseline's, over all datasets); for a sweep with
+smac-anchor rows, issue 21's (no drop and a climb: SMAC's drop, its score at 30k against smac-anchor's and
+smac-plain's, its regret against every peer's on each dataset).
 
     python tools/compare_sweeps.py results/hopper-smac-15k/summary.csv results/hopper-smac-15k-warmup/summary.csv \
         --labels plain lr-warmup
@@ -29,7 +29,7 @@ class Args:
     labels: List[str] = field(default_factory=list)
     """one label per file (default: the folder names)"""
     metrics: List[str] = field(default_factory=lambda: ["offline_score", "drop", "lowest_early_score", "regret",
-                                                         "final_score", "kl_100", "kl_500"])
+                                                         "final_score", "score_30k"])
     """columns to show"""
 
 
@@ -55,7 +55,8 @@ def table(args: Args) -> str:
         cells = []
         for metric in args.metrics:
             values = np.array([float(r.get(metric) or "nan") for r in rows])  # older sweeps lack some columns
-            cells.append(f"{values.mean():.3g} ± {values.std():.2g}" if np.isfinite(values).all() else "-")
+            std = f"{values.std(ddof=1):.2g}" if len(values) > 1 else "-"  # the sample std over seeds
+            cells.append(f"{values.mean():.3g} ± {std}" if np.isfinite(values).all() else "-")
         lines.append(f"| {dataset} | {tuner} | {method} | {label} | {len(rows)} | " + " | ".join(cells) + " |")
     lines += ["", "| sweep | fine-tuner | SMAC mean drop | baseline mean drop | SMAC regret | baseline regret | "
               "regret below the baseline's |", "|---|---|---|---|---|---|---|"]
@@ -85,7 +86,7 @@ def climb_targets(label: str, rows: list) -> list:
         return []
 
     def mean(metric, **match):
-        values = [float(r[metric]) for r in rows if all(r[k] == v for k, v in match.items())]
+        values = [float(r[metric] or "nan") for r in rows if all(r[k] == v for k, v in match.items())]  # blank: none
         return float(np.mean(values)) if values else float("nan")
 
     peers = sorted({r["method"] for r in rows if r["finetuner"] == "own"})

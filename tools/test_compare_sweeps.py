@@ -28,7 +28,8 @@ def test_means_per_group_and_the_targets(tmp_path):
                                                        row("baseline", 1, 10.0, 0.8), row("baseline", 2, 10.0, 0.8)])
     b = write_summary(tmp_path / "b" / "summary.csv", [row("smac", 1, 0.0, 0.4), row("baseline", 1, 1.0, 0.8)])
     out = compare_sweeps.table(compare_sweeps.Args([a, b], metrics=["drop", "regret"]))
-    assert "| d | sac | smac | a | 2 | 3 ± 1 | 0.6 ± 0.1 |" in out  # mean ± population std over seeds
+    assert "| d | sac | smac | a | 2 | 3 ± 1.4 | 0.6 ± 0.14 |" in out  # mean ± sample std over seeds (ddof 1)
+    assert "| d | sac | smac | b | 1 | 0 ± - | 0.4 ± - |" in out  # one seed: no std
     assert "| a | sac | 3.00 | 10.00 | 0.600 | 0.800 | 25.0% |" in out  # 1 - 0.6 / 0.8
     assert "| b | sac | 0.00 | 1.00 | 0.400 | 0.800 | 50.0% |" in out
     assert out.index("| d | sac | smac | a |") < out.index("| d | sac | smac | b |")  # sweeps in the order given
@@ -37,7 +38,7 @@ def test_means_per_group_and_the_targets(tmp_path):
 def test_a_missing_column_shows_a_dash_and_bad_input_one_error(tmp_path):
     a = write_summary(tmp_path / "a" / "summary.csv", [row("smac", 1, 2.0, 0.5), row("baseline", 1, 3.0, 0.6)])
     out = compare_sweeps.table(compare_sweeps.Args([a], metrics=["drop", "kl_100"]))
-    assert "| d | sac | smac | a | 1 | 2 ± 0 | - |" in out
+    assert "| d | sac | smac | a | 1 | 2 ± - | - |" in out
     with pytest.raises(compare_sweeps.smac.SMACError, match="does not exist"):
         compare_sweeps.table(compare_sweeps.Args([str(tmp_path / "nope.csv")]))
     with pytest.raises(compare_sweeps.smac.SMACError, match="1 files but 2 labels"):
@@ -73,3 +74,15 @@ def test_the_climb_targets_of_a_sweep_with_anchor_and_peer_rows(tmp_path):
                           if (d, m) != ("d2", "calql")])
     out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop"]))
     assert "d1: 0.500 vs calql 0.625 (20%); d2: 0.300 vs iql 0.600 (50%) |" in out
+
+
+def test_a_blank_score_30k_does_not_stop_the_climb_targets(tmp_path):
+    path = tmp_path / "c" / "summary.csv"  # run_experiment.py leaves score_30k blank for runs shorter than 30k steps
+    os.makedirs(path.parent)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "finetuner", "method", "seed", "drop", "regret", "score_30k"])
+        writer.writerows([("d1", "sac", "smac", 1, 1.0, 0.5, ""), ("d1", "sac", "smac-anchor", 1, 0.0, 0.6, ""),
+                          ("d1", "own", "iql", 1, 3.0, 0.8, "")])
+    out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop", "score_30k"]))
+    assert "| d1 | sac | smac | c | 1 | 1 ± - | - |" in out and "d1: 0.500 vs iql 0.800 (38%)" in out

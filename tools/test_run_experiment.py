@@ -1,9 +1,13 @@
 """The experiment runner on a tiny sweep: two seeds, a few hundred steps, the local process pool."""
 
 import csv
+import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -99,3 +103,207 @@ def test_a_failed_run_is_reported_and_the_others_go_on(tmp_path):
     args = tiny_args(tmp_path, dataset, seeds=[1], finetuners=["sac"], smac_flags="--hidden-dim 32 --optimizer sgd")
     assert run_experiment.main(args) == 1  # every offline run fails: nothing to fine-tune, exit code 1
     assert read_rows(tmp_path / "results" / "tiny" / "summary.csv") == []
+
+
+# ---------------------------------------------------------------- bad input, kept results, lock, signals (no training)
+def fake_flags(tmp_path, **over):
+    """A sweep of hopper-medium-v2 x seeds 1 2 x smac x sac, as command-line flags; over: flag -> values ([]: none)."""
+    flags = dict(name="fake", tasks=["hopper-medium-v2"], seeds=[1, 2], methods=["smac"], finetuners=["sac"],
+                 offline_updates=200, online_steps=1200, offline_eval_freq=100, online_eval_freq=600, eval_episodes=1,
+                 workers=1, results_dir=tmp_path / "results", run_root=tmp_path / "runs")
+    flags.update(over)
+    argv = []
+    for flag, values in flags.items():
+        if values is True:
+            argv.append(f"--{flag.replace('_', '-')}")
+        elif isinstance(values, str) and values.startswith("-"):  # flags for the scripts, written with '='
+            argv.append(f"--{flag.replace('_', '-')}={values}")
+        elif values is not None:
+            argv += [f"--{flag.replace('_', '-')}", *map(str, values if isinstance(values, list) else [values])]
+    return argv
+
+
+def run_cli(capsys, argv):
+    code = run_experiment.cli(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+SETTINGS = dict(offline_updates=200, online_steps=1200, offline_eval_freq=100, online_eval_freq=600, eval_episodes=1,
+                smac_flags=[], finetune_flags=[])
+
+
+def fake_finished(results, seeds=(1, 2), settings=None, name="fake"):
+    """finished/ as that sweep leaves it (checkpoints gone, as on a fresh clone); settings: recorded in result.json,
+    as this runner does, or not, as in the committed results/ (made before it did)."""
+    for seed in seeds:
+        folder = results / name / "finished" / "hopper-medium-v2" / "smac" / f"seed{seed}"
+        offline = {"checkpoint": "/gone/smac.pt", "offline_score": 40.0 + seed, "score_cosine": 0.5,
+                   "curve": [[100, 30.0], [200, 40.0 + seed]], "score_residual_rel": float("nan")}
+        online = {"checkpoint": "/gone/final.pt", "curve": [[0, 40.0 + seed], [600, 35.0], [1200, 60.0]],
+                  "step0_score": 40.0 + seed, "lowest_early_score": 35.0, "drop": 5.0 + seed, "regret": 0.5,
+                  "final_score": 60.0, "kl_100": 0.25, "td_grad_ratio": float("nan")}
+        for part, result in (("offline", offline), ("sac", online)):
+            os.makedirs(folder / part)
+            with open(folder / part / "result.json", "w") as f:
+                json.dump({**result, **({"settings": settings} if settings else {})}, f)
+
+
+def snapshot(folder):
+    return {p: open(p, "rb").read() for p in sorted(map(str, folder.iterdir())) if os.path.isfile(p)}
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(workers=0), "--workers must be >= 1, got 0"),
+    (dict(workers=-1), "--workers must be >= 1, got -1"),
+    (dict(threads_per_run=0), "--threads-per-run must be >= 1, got 0"),
+    (dict(online_eval_freq=0, peers=["iql"], corl_dir="."), "--online-eval-freq must be >= 1, got 0"),
+    (dict(results_dir="FILE/sub"), "--results-dir FILE/sub: cannot write FILE/sub/fake: FILE is a file, not a folder"),
+    (dict(seeds=[]), "--seeds must be one or more integers in [0, 2**32 - 1], got []"),
+    (dict(tasks=[]), "--tasks must be one or more values, got []"),
+    (dict(methods=[]), "--methods and --peers are both empty: nothing to run"),
+    (dict(engine="slurm"), "--engine slurm needs Slurm (no srun on PATH); on this machine use --engine local"),
+    (dict(name=""), "--name '' must be one plain folder name"),
+    (dict(name="../../escape"), "--name '../../escape' must be one plain folder name"),
+    (dict(name="a/b"), "--name 'a/b' must be one plain folder name"),
+    (dict(name=".hidden"), "--name '.hidden' must be one plain folder name"),
+])
+def test_a_bad_flag_gives_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch, over, message):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun here
+    (tmp_path / "FILE").write_text("")
+    over = {k: str(tmp_path / v) if k == "results_dir" else v for k, v in over.items()}
+    code, out, err = run_cli(capsys, fake_flags(tmp_path, **over))
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.replace(str(tmp_path) + os.sep, "").startswith(f"error: {message}")
+    assert sorted(os.listdir(tmp_path)) == ["FILE"] and not (tmp_path.parent / "escape").exists()  # nothing written
+
+
+def test_collect_only_rebuilds_the_summary_with_blanks_and_budget_scores(tmp_path, capsys):
+    fake_finished(tmp_path / "results")
+    code, out, err = run_cli(capsys, fake_flags(tmp_path, collect_only=True))
+    assert (code, err) == (0, "") and "2 finished online runs" in out
+    text = (tmp_path / "results" / "fake" / "summary.csv").read_text()
+    assert "nan" not in text.lower()  # a value that does not exist is blank
+    rows = read_rows(tmp_path / "results" / "fake" / "summary.csv")
+    assert [(r["seed"], r["drop"], r["kl_100"], r["kl_500"], r["td_grad_ratio"], r["score_cosine"],
+             r["score_residual_rel"], r["online_steps"], r["score_10k"]) for r in rows] == [
+        ("1", "6.0000", "0.2500", "", "", "0.5000", "", "1200.0000", ""),
+        ("2", "7.0000", "0.2500", "", "", "0.5000", "", "1200.0000", "")]
+    table = (tmp_path / "results" / "fake" / "table.md").read_text()
+    assert "| hopper-medium-v2 | sac | smac | 2 | 41.5 ± 0.7 [41.0, 42.0] |" in table  # sample std, seed range
+    assert "| - |" in table and "nan" not in table  # score_10k: the runs are shorter
+
+
+@pytest.mark.parametrize("curve, budget, score", [
+    ([[0, 1.0], [9000, 2.0], [12000, 3.0], [30000, 4.0]], 10_000, 2.0),  # the last evaluation at or before it
+    ([[0, 1.0], [9000, 2.0], [12000, 3.0], [30000, 4.0]], 30_000, 4.0),
+    ([[0, 1.0], [10000, 2.0], [11000, 3.0]], 10_000, 2.0),
+    ([[0, 1.0], [9000, 2.0]], 10_000, None),  # the run is shorter: no score at that budget
+])
+def test_score_at_a_budget(curve, budget, score):
+    assert run_experiment.score_at(curve, budget) == score
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(collect_only=True, tasks=["walker2d-medium-v2"], seeds=None, methods=None, finetuners=None),  # other lists
+     "summary.csv holds 2 runs this command would drop (e.g. hopper-medium-v2 smac sac 1)"),
+    (dict(collect_only=True, seeds=[1]),
+     "summary.csv holds 1 runs this command would drop (e.g. hopper-medium-v2 smac sac 2)"),
+    (dict(collect_only=True, methods=["baseline"]), "summary.csv holds 2 runs this command would drop"),
+    (dict(), "holds runs but no record of their settings (sweep.json): it can only be collected (--collect-only)"),
+])
+def test_a_command_never_shrinks_a_summary_nor_reuses_unrecorded_runs(tmp_path, capsys, over, message):
+    fake_finished(tmp_path / "results")  # committed runs: no settings recorded
+    assert run_cli(capsys, fake_flags(tmp_path, collect_only=True))[0] == 0
+    before = snapshot(tmp_path / "results" / "fake")
+    code, out, err = run_cli(capsys, fake_flags(tmp_path, **over))
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert "start:" not in out and snapshot(tmp_path / "results" / "fake") == before
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(offline_updates=400, online_steps=2400),
+     "--offline-updates 200 (this command: 400), --online-steps 1200 (this command: 2400)"),
+    (dict(online_eval_freq=300), "--online-eval-freq 600 (this command: 300)"),
+    (dict(offline_eval_freq=50), "--offline-eval-freq 100 (this command: 50)"),
+    (dict(eval_episodes=5), "--eval-episodes 1 (this command: 5)"),
+    (dict(smac_flags="--score-coef=1"), "--smac-flags '' (this command: '--score-coef=1')"),
+    (dict(finetune_flags="--lr-warmup=10"), "--finetune-flags '' (this command: '--lr-warmup=10')"),
+    (dict(online_steps=2400, collect_only=True), "--online-steps 1200 (this command: 2400)"),
+])
+@pytest.mark.parametrize("record", ["sweep.json", "result.json"])
+def test_other_settings_are_refused(tmp_path, capsys, over, message, record):
+    fake_finished(tmp_path / "results", settings=SETTINGS)
+    code, out, _ = run_cli(capsys, fake_flags(tmp_path))  # the same settings: everything is done already
+    assert code == 0 and "start:" not in out and "done already" in out
+    assert json.loads((tmp_path / "results" / "fake" / "sweep.json").read_text()) == {"settings": SETTINGS}
+    if record == "result.json":  # a clone that lost sweep.json: the finished runs record their settings too
+        os.remove(tmp_path / "results" / "fake" / "sweep.json")
+    before = snapshot(tmp_path / "results" / "fake")
+    code, out, err = run_cli(capsys, fake_flags(tmp_path, **over))
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: ") and "was made with other settings: " + message in err
+    assert "choose another --name" in err and snapshot(tmp_path / "results" / "fake") == before
+
+
+@pytest.mark.parametrize("holder, refused", [("self", True), ("dead", False), ("empty", True)])
+def test_one_sweep_per_name(tmp_path, capsys, holder, refused):
+    fake_finished(tmp_path / "results", settings=SETTINGS)
+    lock = tmp_path / "runs" / "fake" / "sweep.lock"
+    os.makedirs(lock.parent)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text({"self": str(os.getpid()), "dead": str(dead.pid), "empty": ""}[holder])
+    code, out, err = run_cli(capsys, fake_flags(tmp_path))
+    if refused:  # a running sweep's runs are not started again (their folders deleted) by a second one
+        assert code == 1 and out == "" and err.count("\n") == 1
+        assert err.startswith("error: a sweep named fake is running (PID ") and lock.exists()
+    else:  # a stale lock (its sweep was killed) is taken over, and released at the end
+        assert code == 0 and "done already" in out and not lock.exists()
+
+
+FAKE_RUN = """import os, subprocess, sys, time
+run_dir = sys.argv[sys.argv.index("--run-dir") + 1]
+grandchild = subprocess.Popen(["sleep", "120"])  # as run_peer.py starts CORL's script
+with open(os.path.join(run_dir, "pids.tmp"), "w") as f:
+    f.write(f"{os.getpid()} {grandchild.pid}")
+os.replace(os.path.join(run_dir, "pids.tmp"), os.path.join(run_dir, "pids"))
+time.sleep(120)
+"""
+
+
+def gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_every_run_and_says_the_same_command_resumes(tmp_path, signum, code):
+    (tmp_path / "fake_run.py").write_text(FAKE_RUN)
+    argv = fake_flags(tmp_path, workers=2)
+    code_line = (f"import sys; sys.path.insert(0, {TOOLS!r}); import run_experiment as r; "
+                 f"r.OFFLINE_SCRIPT = {str(tmp_path / 'fake_run.py')!r}; sys.exit(r.cli({argv!r}))")
+    runner = subprocess.Popen([sys.executable, "-c", code_line], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    pids_files = [tmp_path / "runs" / "fake" / "hopper-medium-v2" / "smac" / f"seed{s}" / "offline" / "pids"
+                  for s in (1, 2)]
+    deadline = time.time() + 60
+    while not all(p.exists() for p in pids_files):  # both offline runs (and their own children) are running
+        assert runner.poll() is None and time.time() < deadline, runner.communicate()
+        time.sleep(0.2)
+    pids = [int(pid) for p in pids_files for pid in p.read_text().split()]
+    assert not any(gone(pid) for pid in pids)
+    runner.send_signal(signum)
+    out, err = runner.communicate(timeout=60)
+    assert runner.returncode == code, err
+    (line,) = err.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"interrupted ({signal.Signals(signum).name}): the runs were stopped; every finished run "
+                           "is kept in") and line.endswith("and the same command resumes")
+    deadline = time.time() + 10
+    while not all(gone(pid) for pid in pids):  # no orphan: the runs and what they started
+        assert time.time() < deadline, [pid for pid in pids if not gone(pid)]
+        time.sleep(0.1)
+    assert not (tmp_path / "runs" / "fake" / "sweep.lock").exists()
