@@ -14,7 +14,10 @@ command skips the runs that have one, so an interrupted sweep (Ctrl-C, SIGTERM: 
 on a fresh clone (an offline run whose checkpoint is gone is made again, bitwise, when one of its online runs still
 has to run). results/<name>/ gets sweep.json (the settings every run of it is made with: a command with other
 settings is refused), summary.csv, table.md and one plot per task and fine-tuner; a command that would drop a run
-from them is refused. One sweep per name at a time (a lock in --run-root). Engines: local threads, each running one
+from them is refused. After each offline run, tools/offline_rest.py continues it offline for --rest-updates (issue
+31: how much of an online drop the offline learner makes alone); its summary (finished/*/rest/result.json, with the
+rest_updates it was made with: not a sweep setting, as it changes no online run) fills the offline_* columns of the
+online rows. One sweep per name at a time (a lock in --run-root). Engines: local threads, each running one
 run's process (--workers), or Slurm through submitit (--engine slurm) with the same command line.
 """
 
@@ -52,11 +55,17 @@ METHODS = {  # method: (its offline run, the fine-tuners' flags for it)
 OFFLINE_SCRIPT = "smac.py"
 FINETUNERS = {"sac": "sac_finetune.py", "td3": "td3_finetune.py"}
 PEER_SCRIPT = os.path.join("tools", "peers", "run_peer.py")
+REST_SCRIPT = os.path.join("tools", "offline_rest.py")
+REST_SUMMARY = ["step0", "lowest", "continuation_drop", "spread_std", "spread_range", "floor_drop", "floor_std",
+                "floor_range", "drop_limit", "std_limit", "at_rest"]  # offline_rest.py's summary row
+REST_COLUMNS = {"offline_continuation_drop": "continuation_drop", "offline_rest_spread_std": "spread_std",
+                "offline_rest_floor_drop": "floor_drop", "offline_at_rest": "at_rest",
+                "offline_rest_updates": "rest_updates"}  # summary.csv column: the rest result's value
 OFFLINE_DIAGNOSTICS = ["score_residual_rel", "score_cosine", "alpha_psi_mean", "sac_actor_grad_norm"]
 ONLINE_METRICS = ["step0_score", "lowest_early_score", "drop", "regret", "final_score", "online_steps", "score_10k",
                   "score_30k", "td_grad_ratio", "kl_100", "kl_500", "kl_1000"]
-SUMMARY_COLUMNS = ["dataset", "env", "method", "finetuner", "seed", "offline_score", *ONLINE_METRICS,
-                   *OFFLINE_DIAGNOSTICS]  # all but the key and offline_score may be absent: blank cells
+SUMMARY_COLUMNS = ["dataset", "env", "method", "finetuner", "seed", "offline_score", *ONLINE_METRICS[:3], *REST_COLUMNS,
+                   *ONLINE_METRICS[3:], *OFFLINE_DIAGNOSTICS]  # all but the key and offline_score may be absent: blank
 SETTINGS = ["offline_updates", "online_steps", "offline_eval_freq", "online_eval_freq", "eval_episodes", "smac_flags",
             "finetune_flags"]  # what changes a run's result (threads and engine only change bits, not the protocol)
 NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")  # one plain folder under --results-dir and --run-root
@@ -97,6 +106,10 @@ class Args:
     """extra flags for smac.py, for both methods; write them with '=': --smac-flags='--score-coef 1'"""
     finetune_flags: str = ""
     """extra flags for both fine-tuners"""
+    rest_updates: int = 5000
+    """continued offline updates of tools/offline_rest.py after each offline run (evaluated every tenth of them);
+    0: not measured. Not a sweep setting: a sweep resumed with another value keeps the rest results it has, each
+    showing its own (summary.csv's offline_rest_updates)"""
     engine: Literal["local", "slurm", "submitit-local"] = "local"
     """local: --workers runs at a time on this machine; slurm: one submitit job per run; submitit-local: its local
     executor"""
@@ -137,7 +150,8 @@ def run_job(job: dict) -> dict:
     if os.path.isdir(out_dir):  # a run interrupted before result.json: start it again from nothing
         shutil.rmtree(out_dir)
     os.makedirs(out_dir)
-    command = [sys.executable, os.path.join(ROOT, job["script"]), *job["argv"], "--run-dir", out_dir]
+    command = [sys.executable, os.path.join(ROOT, job["script"]), *job["argv"],
+               *([] if job["kind"] == "rest" else ["--run-dir", out_dir])]  # offline_rest.py writes only its --out
     env = {**os.environ, "OMP_NUM_THREADS": str(job["threads"]), "MKL_NUM_THREADS": str(job["threads"])}
     with open(os.path.join(out_dir, "log.txt"), "w") as log, GUARD:
         if STOP.is_set():
@@ -151,7 +165,8 @@ def run_job(job: dict) -> dict:
         RUNNING.discard(child)
     if code != 0:
         raise RuntimeError(f"{' '.join(command)} failed (exit {code}); see {out_dir}/log.txt")
-    (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d))]
+    if job["kind"] != "rest":
+        (run_dir,) = [os.path.join(out_dir, d) for d in os.listdir(out_dir) if os.path.isdir(os.path.join(out_dir, d))]
 
     def curve(name, x):  # a metrics file's (x, normalized score) rows, one per evaluation
         with open(os.path.join(run_dir, name)) as f:
@@ -162,6 +177,11 @@ def run_job(job: dict) -> dict:
         rows, points = curve("metrics.csv", "update")
         result = {"checkpoint": os.path.join(run_dir, "smac.pt"), "offline_score": points[-1][1], "curve": points,
                   **{k: float(v) for k, v in rows[-1].items() if k in OFFLINE_DIAGNOSTICS and v}}
+    elif job["kind"] == "rest":  # its summary row and the scores of its evaluations
+        with open(os.path.join(out_dir, "offline_rest.csv")) as f:
+            *evals, summary = list(csv.DictReader(f))
+        result = {**{k: summary[k] == "True" if k == "at_rest" else float(summary[k]) for k in REST_SUMMARY},
+                  "rest_updates": int(summary["update"]), "scores": [float(r["score"]) for r in evals]}
     else:  # a fine-tuner or a peer (offline then online in one run): its summary, whatever columns it has
         with open(os.path.join(run_dir, "summary.csv")) as f:
             (summary,) = list(csv.DictReader(f))
@@ -238,6 +258,21 @@ def online_jobs_for(offline_job: dict, checkpoint: str, args: Args):
     return jobs
 
 
+def followers(offline_job: dict, checkpoint: str, args: Args):
+    """The jobs that need an offline checkpoint: its online runs, then offline_rest.py on it (--rest-updates)."""
+    rest = [rest_job_for(offline_job, checkpoint, args)] if args.rest_updates else []
+    return online_jobs_for(offline_job, checkpoint, args) + rest
+
+
+def rest_job_for(offline_job: dict, checkpoint: str, args: Args) -> dict:
+    where = locate(args, *offline_job["parts"][:-1], "rest")
+    argv = [checkpoint, "--updates", str(args.rest_updates), "--eval-freq", str(max(1, args.rest_updates // 10)),
+            "--eval-episodes", str(args.eval_episodes), "--seed", str(offline_job["key"]["seed"]), "--out",
+            os.path.join(where["dir"], "offline_rest.csv")]
+    return dict(kind="rest", script=REST_SCRIPT, argv=argv, key=offline_job["key"], threads=args.threads_per_run,
+                **where)
+
+
 def make_executor(args: Args):
     if args.engine == "local":
         return ThreadPoolExecutor(max_workers=args.workers)  # threads suffice: each run is a process of its own
@@ -259,19 +294,20 @@ def run_sweep(args: Args) -> List[str]:
     def schedule(job):
         result = read_result(job)
         if result is not None and job["kind"] == "offline" and not os.path.isfile(result["checkpoint"]) and any(
-                read_result(j) is None for j in online_jobs_for(job, result["checkpoint"], args)):
+                read_result(j) is None for j in followers(job, result["checkpoint"], args)):
             print(f"checkpoint gone (a fresh clone?), made again: {job['dir']}")  # CPU runs are deterministic
             result = None
         if result is not None:
-            print(f"done already: {job['dir']}")
+            print(f"done already: {job['dir']}" + (f" (made with --rest-updates {result['rest_updates']})"
+                                                     if job["kind"] == "rest" else ""))
             return finished(job, result)
         print(f"start: {job['dir']}", flush=True)
         pending.append((executor.submit(run_job, job), job))
 
     def finished(job, result):
         if job["kind"] == "offline":
-            for online_job in online_jobs_for(job, result["checkpoint"], args):
-                schedule(online_job)
+            for follower in followers(job, result["checkpoint"], args):
+                schedule(follower)
 
     try:
         for job in plan(args):
@@ -362,7 +398,7 @@ def check_args(args: Args) -> None:
                              "not starting with '.'")
     smac.check_flags(args, smac.AT_LEAST_1, "offline_updates", "online_steps", "offline_eval_freq", "online_eval_freq",
                      "eval_episodes", "workers", "threads_per_run", "slurm_timeout_min")
-    smac.check_flags(args, smac.AT_LEAST_0, "slurm_gpus_per_run")
+    smac.check_flags(args, smac.AT_LEAST_0, "slurm_gpus_per_run", "rest_updates")
     smac.check_flags(args, (len, "one or more values"), "tasks", "finetuners")
     smac.check_flags(args, (lambda v: v and all(0 <= s < 2**32 for s in v), "one or more integers in [0, 2**32 - 1]"),
                      "seeds")
@@ -420,7 +456,8 @@ def check_results(args: Args, out: str) -> None:
 
 # ---------------------------------------------------------------- summary, table and plots
 def finished_runs(args: Args):
-    """(key, offline curve, offline result, online result) for every finished online run and peer run."""
+    """(key, offline curve, offline result (its "rest": offline_rest.py's, or None), online result) for every finished
+    online run and peer run."""
     for job in plan(args):
         result = read_result(job)
         if result is None:
@@ -428,6 +465,7 @@ def finished_runs(args: Args):
         if job["kind"] == "peer":
             yield job["key"], result["offline_curve"], result, result
             continue
+        result["rest"] = read_result(rest_job_for(job, result["checkpoint"], args))  # whatever --rest-updates
         for online_job in online_jobs_for(job, result["checkpoint"], args):
             if (online := read_result(online_job)) is not None:
                 yield online_job["key"], result["curve"], result, online
@@ -446,6 +484,7 @@ def collect(args: Args) -> List[dict]:
         curve = result["curve"]
         row = {**key, "offline_score": offline["offline_score"], **{k: offline.get(k) for k in OFFLINE_DIAGNOSTICS},
                **{k: result.get(k) for k in ONLINE_METRICS}, "online_steps": float(curve[-1][0]),
+               **{k: (offline.get("rest") or {}).get(v) for k, v in REST_COLUMNS.items()},
                "score_10k": score_at(curve, 10_000), "score_30k": score_at(curve, 30_000)}
         rows.append({k: None if isinstance(v, float) and not np.isfinite(v) else v for k, v in row.items()})
     with open(os.path.join(out, "summary.csv.tmp"), "w", newline="") as f:  # replaced whole: never half-written
@@ -462,8 +501,8 @@ def collect(args: Args) -> List[dict]:
 def write_table(rows: List[dict], path: str) -> None:
     """Per dataset x fine-tuner x method: mean ± sample std over seeds (ddof 1) [lowest, highest seed], as a Markdown
     table ('-': a value does not exist)."""
-    metrics = ["offline_score", "step0_score", "lowest_early_score", "drop", "regret", "final_score", "score_10k",
-               "score_30k"]
+    metrics = ["offline_score", "step0_score", "lowest_early_score", "drop", "offline_continuation_drop", "regret",
+               "final_score", "score_10k", "score_30k"]
     lines = ["| dataset | fine-tuner | method | seeds | " + " | ".join(metrics) + " |",
              "|---|---|---|---|" + "---|" * len(metrics)]
     groups = sorted({(r["dataset"], r["finetuner"], r["method"]) for r in rows})

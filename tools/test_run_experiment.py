@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date")
 
 
 def tiny_args(tmp_path, dataset, **kw):
-    base = dict(name="tiny", tasks=[f"hopper-medium-v2:{dataset}"], seeds=[1, 2], offline_updates=40,
+    base = dict(name="tiny", tasks=[f"hopper-medium-v2:{dataset}"], seeds=[1, 2], offline_updates=40, rest_updates=20,
                 online_steps=300, offline_eval_freq=20, online_eval_freq=100, eval_episodes=1, workers=2,
                 smac_flags="--hidden-dim 32 --batch-size 32 --no-cuda --score-model-updates 20",
                 finetune_flags="--batch-size 32 --learning-starts 100 --no-cuda",
@@ -51,13 +51,18 @@ def test_tiny_sweep_writes_summary_and_plots_resumes_and_reproduces(tmp_path, ca
         assert float(r["step0_score"]) == pytest.approx(float(r["offline_score"]), abs=1e-3)
         assert float(r["drop"]) == pytest.approx(max(0.0, float(r["step0_score"]) - float(r["lowest_early_score"])),
                                                  abs=1e-3)
+        assert r["offline_rest_updates"] == "20" and r["offline_at_rest"] in ("True", "False")  # offline_rest.py ran
+        assert float(r["offline_continuation_drop"]) >= 0 and float(r["offline_rest_floor_drop"]) >= 0
     assert (out / "tiny-local_sac.png").stat().st_size > 0 and (out / "tiny-local_td3.png").stat().st_size > 0
     assert (out / "table.md").read_text().count("| tiny-local |") == 4
 
     # repeated command: nothing runs again, the summary is the same
     finished = tmp_path / "results" / "tiny" / "finished"  # result.json files, committed; run folders are not
     stamps = {p: os.path.getmtime(p) for p in result_files(finished)}
-    assert len(stamps) == 4 + 8
+    assert len(stamps) == 4 + 4 + 8  # offline, rest, online
+    for path in [p for p in stamps if os.sep + "rest" + os.sep in p]:  # update 0 of offline_rest.py: the hand-over
+        offline = json.load(open(path.replace(os.sep + "rest" + os.sep, os.sep + "offline" + os.sep)))
+        assert json.load(open(path))["step0"] == pytest.approx(offline["offline_score"], abs=1e-3)
     capsys.readouterr()
     assert run_experiment.main(args) == 0
     assert "start:" not in capsys.readouterr().out
@@ -135,7 +140,7 @@ SETTINGS = dict(offline_updates=200, online_steps=1200, offline_eval_freq=100, o
 
 def fake_finished(results, seeds=(1, 2), settings=None, name="fake"):
     """finished/ as that sweep leaves it (checkpoints gone, as on a fresh clone); settings: recorded in result.json,
-    as this runner does, or not, as in the committed results/ (made before it did)."""
+    as this runner does, or not, as in the committed results/ (made before it did, and without rest results)."""
     for seed in seeds:
         folder = results / name / "finished" / "hopper-medium-v2" / "smac" / f"seed{seed}"
         offline = {"checkpoint": "/gone/smac.pt", "offline_score": 40.0 + seed, "score_cosine": 0.5,
@@ -143,7 +148,9 @@ def fake_finished(results, seeds=(1, 2), settings=None, name="fake"):
         online = {"checkpoint": "/gone/final.pt", "curve": [[0, 40.0 + seed], [600, 35.0], [1200, 60.0]],
                   "step0_score": 40.0 + seed, "lowest_early_score": 35.0, "drop": 5.0 + seed, "regret": 0.5,
                   "final_score": 60.0, "kl_100": 0.25, "td_grad_ratio": float("nan")}
-        for part, result in (("offline", offline), ("sac", online)):
+        rest = {"continuation_drop": 2.0 + seed, "spread_std": 1.25, "floor_drop": 0.75, "at_rest": True,
+                "rest_updates": 5000, "scores": [40.0 + seed, 38.0 - seed]}
+        for part, result in (("offline", offline), ("sac", online), ("rest", rest)):
             os.makedirs(folder / part)
             with open(folder / part / "result.json", "w") as f:
                 json.dump({**result, **({"settings": settings} if settings else {})}, f)
@@ -157,6 +164,7 @@ def snapshot(folder):
     (dict(workers=0), "--workers must be >= 1, got 0"),
     (dict(workers=-1), "--workers must be >= 1, got -1"),
     (dict(threads_per_run=0), "--threads-per-run must be >= 1, got 0"),
+    (dict(rest_updates=-1), "--rest-updates must be >= 0, got -1"),
     (dict(online_eval_freq=0, peers=["iql"], corl_dir="."), "--online-eval-freq must be >= 1, got 0"),
     (dict(results_dir="FILE/sub"), "--results-dir FILE/sub: cannot write FILE/sub/fake: FILE is a file, not a folder"),
     (dict(seeds=[]), "--seeds must be one or more integers in [0, 2**32 - 1], got []"),
@@ -192,6 +200,80 @@ def test_collect_only_rebuilds_the_summary_with_blanks_and_budget_scores(tmp_pat
     table = (tmp_path / "results" / "fake" / "table.md").read_text()
     assert "| hopper-medium-v2 | sac | smac | 2 | 41.5 ± 0.7 [41.0, 42.0] |" in table  # sample std, seed range
     assert "| - |" in table and "nan" not in table  # score_10k: the runs are shorter
+
+
+def test_collect_only_fills_the_offline_rest_columns_next_to_the_drop(tmp_path, capsys):
+    fake_finished(tmp_path / "results")
+    assert run_cli(capsys, fake_flags(tmp_path, collect_only=True, rest_updates=0))[0] == 0  # collected whatever flag
+    rows = read_rows(tmp_path / "results" / "fake" / "summary.csv")
+    assert [list(r.values())[8:14] for r in rows] == [["6.0000", "3.0000", "1.2500", "0.7500", "True", "5000"],
+                                                      ["7.0000", "4.0000", "1.2500", "0.7500", "True", "5000"]]
+    assert list(rows[0])[8:14] == ["drop", "offline_continuation_drop", "offline_rest_spread_std",
+                                   "offline_rest_floor_drop", "offline_at_rest", "offline_rest_updates"]
+    assert "| drop | offline_continuation_drop |" in (tmp_path / "results" / "fake" / "table.md").read_text()
+    assert "6.5 ± 0.7 [6.0, 7.0] | 3.5 ± 0.7 [3.0, 4.0] |" in (tmp_path / "results" / "fake" / "table.md").read_text()
+    for seed in (1, 2):  # a sweep made before the rest runs (the committed ones): blank cells, '-' in the table
+        os.remove(tmp_path / "results" / "fake" / "finished" / "hopper-medium-v2" / "smac" / f"seed{seed}" / "rest" /
+                  "result.json")
+    assert run_cli(capsys, fake_flags(tmp_path, collect_only=True))[0] == 0
+    assert [list(r.values())[9:14] for r in read_rows(tmp_path / "results" / "fake" / "summary.csv")] == [[""] * 5] * 2
+    assert "6.5 ± 0.7 [6.0, 7.0] | - |" in (tmp_path / "results" / "fake" / "table.md").read_text()
+
+
+def fake_jobs(monkeypatch):
+    """run_job without training: each kind's result.json as run_job writes it; returns the list of the jobs run."""
+    started = []
+
+    def run_job(job):
+        started.append(job)
+        os.makedirs(job["dir"], exist_ok=True)
+        open(os.path.join(job["dir"], "smac.pt"), "w").close()
+        result = {"checkpoint": os.path.join(job["dir"], "smac.pt"), "offline_score": 40.0, "curve": [[1200, 40.0]]}
+        if job["kind"] == "rest":
+            result = {"continuation_drop": 3.0 + job["key"]["seed"], "spread_std": 1.5, "floor_drop": 0.5,
+                      "at_rest": False, "rest_updates": int(job["argv"][2])}
+        elif job["kind"] != "offline":
+            result = {**result, "curve": [[0, 40.0], [1200, 50.0]], "drop": 2.0, "offline_curve": [[1200, 40.0]]}
+        os.makedirs(os.path.dirname(job["result"]), exist_ok=True)
+        with open(job["result"], "w") as f:
+            json.dump({**result, "settings": job["settings"]}, f)
+        return result
+    monkeypatch.setattr(run_experiment, "run_job", run_job)
+    return started
+
+
+def test_a_rest_job_follows_each_offline_run_not_the_peers_and_fills_its_rows(tmp_path, capsys, monkeypatch):
+    started = fake_jobs(monkeypatch)
+    (tmp_path / "d.hdf5").write_text("")
+    flags = dict(tasks=[f"hopper-medium-v2:{tmp_path / 'd.hdf5'}"], methods=["smac", "baseline"], peers=["iql"],
+                 corl_dir=tmp_path, offline_updates=1200)
+    assert run_cli(capsys, fake_flags(tmp_path, **flags))[0] == 0
+    rest = {(j["key"]["method"], j["key"]["seed"]): j["argv"] for j in started if j["kind"] == "rest"}
+    assert sorted(rest) == [("baseline", 1), ("baseline", 2), ("smac", 1), ("smac", 2)]  # none for the peer
+    folder = tmp_path / "runs" / "fake" / "d" / "smac" / "seed2"
+    assert rest["smac", 2] == [str(folder / "offline" / "smac.pt"), "--updates", "5000", "--eval-freq", "500",
+                               "--eval-episodes", "1", "--seed", "2", "--out", str(folder / "rest/offline_rest.csv")]
+    summary = tmp_path / "results" / "fake" / "summary.csv"
+    cells = {(r["method"], r["seed"]): list(r.values())[9:14] for r in read_rows(summary)}
+    assert cells == {**{(m, s): [f"{3 + int(s)}.0000", "1.5000", "0.5000", "False", "5000"] for s in ("1", "2")
+                        for m in ("smac", "baseline")}, ("iql", "1"): [""] * 5, ("iql", "2"): [""] * 5}
+
+    # resumed with --rest-updates 0 nothing runs and the rest results stay; with another value, a missing one is made
+    # with it and the summary says which (offline_rest_updates): never a silent mix
+    started.clear()
+    assert run_cli(capsys, fake_flags(tmp_path, rest_updates=0, **flags))[0] == 0 and started == []
+    assert {k: v[:4] for k, v in cells.items()} == {(r["method"], r["seed"]): list(r.values())[9:13]
+                                                    for r in read_rows(summary)}
+    os.remove(tmp_path / "results" / "fake" / "finished" / "d" / "smac" / "seed2" / "rest" / "result.json")
+    assert run_cli(capsys, fake_flags(tmp_path, rest_updates=30, **flags))[0] == 0
+    assert [(j["kind"], j["argv"][1:5]) for j in started] == [("rest", ["--updates", "30", "--eval-freq", "3"])]
+    assert sorted(r["offline_rest_updates"] for r in read_rows(summary)) == ["", "", "30", "5000", "5000", "5000"]
+
+    # --rest-updates 0 on a new sweep: no rest job, blank cells
+    started.clear()
+    assert run_cli(capsys, fake_flags(tmp_path, name="norest", rest_updates=0, **flags))[0] == 0
+    assert {j["kind"] for j in started} == {"offline", "online", "peer"}
+    assert {r["offline_continuation_drop"] for r in read_rows(tmp_path / "results" / "norest" / "summary.csv")} == {""}
 
 
 @pytest.mark.parametrize("curve, budget, score", [
