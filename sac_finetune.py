@@ -17,6 +17,7 @@ import smac
 
 @dataclass(kw_only=True)
 class Args(smac.FinetuneArgs):
+    """Online SAC from a SMAC checkpoint. On a CPU set OMP_NUM_THREADS=1 (or 2): small networks."""
     exp_name: str = "sac_finetune"
     """the name of this experiment (first part of the run name)"""
     policy_frequency: int = 2

@@ -71,6 +71,8 @@ class RunArgs:
 
 @dataclass(kw_only=True)
 class Args(RunArgs):
+    """SMAC's offline phase. Data: $D4RL_DATASET_DIR (the D4RL cache, default ~/.d4rl/datasets), $D4RL_URL (a mirror),
+    $MINARI_DATASETS_PATH and $MINARI_REMOTE (Minari's). On a CPU set OMP_NUM_THREADS=1 (or 2): small networks."""
     env: str = "hopper-medium-replay-v2"
     """the dataset (its env follows): a D4RL name, {halfcheetah,hopper,walker2d}-{random,medium,...}-v2, or a Minari
     id such as mujoco/hopper/medium-v0"""
@@ -459,6 +461,8 @@ def d4rl_task(name: str) -> dict:
 
 def normalized_score(task: dict, episode_return: float) -> float:
     low, high = task["ref_scores"]  # D4RL (and Minari): score = 100 * (R - R_random) / (R_expert - R_random)
+    if not high > low:
+        raise SMACError(f"{task['name']}: reference returns {task['ref_scores']}, the expert's not above the random's")
     return 100.0 * (episode_return - low) / (high - low)
 
 
@@ -540,7 +544,7 @@ def load_dataset(name: str, path: Optional[str]) -> dict:
         raise SMACError(f"{where}: the keys have different lengths {sorted(lengths)}")
     if lengths == {0}:
         raise SMACError(f"{where} holds no transitions")
-    env = make_env(task, 0.0, 1.0)
+    env, _ = make_env(task, 0.0, 1.0), normalized_score(task, 0.0)  # the env exists; the reference returns work
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     for key, dim in (("observations", obs_dim), ("next_observations", obs_dim), ("actions", act_dim)):
         if data[key].ndim != 2 or data[key].shape[1] != dim:
@@ -605,8 +609,8 @@ class ReplayBuffer:
 def dataset_buffer(data: dict, obs_mean, obs_std, device: torch.device, batch_size: int = 1) -> ReplayBuffer:
     """The offline dataset, observations normalized, as a ReplayBuffer with the return conditioning w."""
     if len(data["rewards"]) < batch_size:
-        warnings.warn(f"the dataset holds {len(data['rewards'])} transitions, fewer than one minibatch (--batch-size "
-                      f"{batch_size}): each minibatch repeats transitions")
+        raise SMACError(f"the dataset holds {len(data['rewards'])} transitions, fewer than one minibatch: give a "
+                        f"--batch-size of at most that (now {batch_size})")
     buffer = ReplayBuffer(len(data["rewards"]), len(obs_mean), data["actions"].shape[1], device, extra=("w",))
     buffer.add(observations=(data["observations"] - obs_mean) / obs_std, rewards=data["rewards"],
                actions=data["actions"], dones=data["dones"], w=data["w"],
@@ -634,6 +638,9 @@ def load_checkpoint(path: str, device: torch.device) -> tuple:
         raise SMACError(f"{path} is not a SMAC checkpoint of this version (no format {CHECKPOINT_FORMAT!r})")
     if missing := [k for k in ("actor", "critic", "target_critic", *CHECKPOINT_INFO) if k not in ckpt]:
         raise SMACError(f"{path} is an incomplete SMAC checkpoint: it lacks {missing}")
+    if ckpt["task"].get("name") != ckpt["env"]:
+        raise SMACError(f"{path}: its dataset {ckpt['env']!r} and its task {ckpt['task'].get('name')!r} disagree")
+    normalized_score(ckpt["task"], 0.0)  # its reference returns can normalize a score
     mean, std = ckpt["obs_mean"], ckpt["obs_std"]
     if not (mean.shape == std.shape == (ckpt["obs_dim"],) and mean.isfinite().all() and (std > 0).all() and
             std.isfinite().all()):

@@ -373,8 +373,8 @@ def test_bad_datasets_give_one_clear_error(tmp_path, name, change, message):
         smac.load_dataset(name, str(path))
     assert "\n" not in str(err.value) and len(str(err.value).replace(str(path), "")) < 200  # a terminal's line
 
-def test_a_tiny_dataset_and_actions_outside_the_action_space_are_a_warning(tmp_path, monkeypatch):
-    with pytest.warns(UserWarning, match="holds 1 transitions, fewer than one minibatch"):
+def test_a_tiny_dataset_is_an_error_and_actions_outside_the_action_space_a_warning(tmp_path, monkeypatch):
+    with pytest.raises(smac.SMACError, match="holds 1 transitions, fewer than one minibatch: .*--batch-size .*32"):
         smac.train(small_args(tmp_path, write_hdf5(tmp_path / "one.hdf5", n=1), total_updates=2))
     actions, buffers, dataset_buffer = np.zeros((400, ACT_DIM), np.float32), [], smac.dataset_buffer
     actions[:4] = 1.5
@@ -557,6 +557,8 @@ def test_minari_downloads_from_a_hub_unknown_ids_and_a_missing_extra_are_told_ap
                              p), "holds non-finite"),
     (lambda p, c: torch.save({**c, "hidden_dim": 16}, p), "the networks do not match the recorded shapes"),
     (lambda p, c: torch.save({**c, "obs_std": torch.zeros(OBS_DIM)}, p), "observation statistics"),
+    (lambda p, c: torch.save({**c, "task": {**c["task"], "ref_scores": [5.0, 5.0]}}, p), "expert's not above"),
+    (lambda p, c: torch.save({**c, "env": "walker2d-medium-v2"}, p), "and its task 'hopper-medium-v2' disagree"),
     (lambda p, c: torch.save({**c, "obs_mean": torch.full((OBS_DIM,), NAN)}, p), "observation statistics"),
     (lambda p, c: torch.save({**c, "obs_mean": torch.zeros(5), "obs_std": torch.ones(5)}, p), "observation statistics"),
 ])
@@ -631,7 +633,7 @@ def test_logs_say_only_what_is_true(tmp_path, offline_checkpoint, monkeypatch, c
     (dict(run_dir="/proc/x"), {}, "error: [Errno 2] No such file or directory: '/proc/x'"),
     (dict(seed=-1), {}, "error: --seed must be in [0, 2**32 - 1], got -1"),
     (dict(track=True), {}, "error: --track needs Weights and Biases: pip install")]] + [(smac, *case) for case in [
-    (dict(batch_size=2**42), {}, "error: out of memory"),  # 32 TiB of indices; the message names --batch-size
+    (dict(hidden_dim=2**22), {}, "error: out of memory"),  # 64 TiB of weights; the message names --hidden-dim
     (dict(env="hopper-mediun-v2"), {}, "error: unknown dataset 'hopper-mediun-v2': give a D4RL name"),
     (dict(dataset_path=None), dict(D4RL_DATASET_DIR="/proc/x/cache"), "error: [Errno 2] No such file or directory")]])
 def test_set_up_mistakes_and_faults_are_one_line_without_traceback(tmp_path, offline_checkpoint, module, flags, env,
@@ -644,7 +646,7 @@ def test_set_up_mistakes_and_faults_are_one_line_without_traceback(tmp_path, off
     message, _ = cli(module, argv(tmp_path, None if module is smac else offline_checkpoint[0], **flags), monkeypatch,
                      capsys)
     assert message.startswith(error.format(tmp=tmp_path)) and "\n" not in message
-    assert ("--batch-size" in message) == ("out of memory" in error)
+    assert ("--hidden-dim" in message) == ("out of memory" in error)
     if "--" in error:  # a flag's mistake: found before any folder is made
         assert not (tmp_path / "runs").exists() and not (tmp_path / "online").exists()
 
