@@ -41,7 +41,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach the real hub (a subproce
 torch.set_num_threads(1)  # small networks: one thread is as fast, and immune to a busy machine's oversubscription
 pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date")  # v4 on purpose: the model of D4RL's v3 envs
 
-# ---------------------------------------------------------------- helpers
 def write_hdf5(path, n=400, obs_dim=OBS_DIM, act_dim=ACT_DIM, drop=None, **override):
     """A small D4RL-format file: random transitions, a terminal at t % 100 == 49, a timeout at t % 100 == 99."""
     rng = np.random.default_rng(0)
@@ -74,8 +73,7 @@ def offline_checkpoint(tmp_path_factory):
 
 def read_csv(path, key=None):
     with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return [float(r[key]) for r in rows] if key else rows
+        return [float(r[key]) for r in csv.DictReader(f)] if key else list(csv.DictReader(f))
 
 # ---------------------------------------------------------------- networks
 def test_log_prob_matches_torch_distributions_and_the_twin_critic_two_mlps_and_finite_differences():
@@ -266,8 +264,7 @@ def test_finetuner_opens_with_the_offline_score_writes_its_records_and_a_final_p
         again = sac_finetune.train(online_args(sac_finetune, tmp_path, final, total_timesteps=150))
         assert again["step0_score"] == pytest.approx(result["final_score"], abs=1e-3)
 
-def score_residual(path: str, dataset: str) -> float:
-    """A critic's ||grad_a Q_i - alpha_psi score|| / ||alpha_psi score|| at the dataset's states and B(A) actions."""
+def score_residual(path: str, dataset: str) -> float:  # ||grad_a Q_i - alpha_psi s|| / ||alpha_psi s||, data states
     ckpt, actor, critic, _ = smac.load_checkpoint(path, CPU)
     score_model, score_scale = smac.load_score_nets(ckpt, path, CPU)
     obs = torch.as_tensor(smac.load_dataset("hopper-medium-v2", dataset)["observations"])
@@ -543,8 +540,7 @@ def test_minari_downloads_from_a_hub_unknown_ids_and_a_missing_extra_are_told_ap
 
 # ---------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("module", [sac_finetune, td3_finetune])
-@pytest.mark.parametrize("make_bad, message", [
-    (lambda p, c: None, "checkpoint .*bad.pt does not exist"),
+@pytest.mark.parametrize("make_bad, message", [(lambda p, c: None, "checkpoint .*bad.pt does not exist"),
     (lambda p, c: p.mkdir(), "checkpoint .*bad.pt is a folder, not a file"),
     (lambda p, c: p.write_bytes(b"not a checkpoint at all"), "cannot read .* not a weights-only torch file"),
     (lambda p, c: torch.save({"payload": type("Exploit", (), {"__reduce__": lambda self: (os.system, (
@@ -596,9 +592,7 @@ def test_run_log_names_its_folder_and_writes_a_checkpoint_only_whole_and_finite(
     assert torch.load(path, weights_only=True)["update"] == 1
     log.writer.close(), second.writer.close()
 
-# ---------------------------------------------------------------- logs
-def cli(module, argv, monkeypatch, capsys):
-    """Runs a script's command line in this process: (its error line or None, what it printed)."""
+def cli(module, argv, monkeypatch, capsys):  # a script's command line in this process: (its error or None, output)
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # pytest's own SIGTERM handling stays
     try:
@@ -614,6 +608,14 @@ def argv(tmp_path, checkpoint=None, **flags) -> list:
     return [x for k, v in {**defaults, "batch_size": 32, "eval_episodes": 1, **flags}.items() if v is not None
             for x in ([f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)]))] + ["--no-cuda"]
 
+@pytest.mark.parametrize("module", [smac, sac_finetune, td3_finetune])
+def test_full_disk_is_one_line_and_help_names_variables(tmp_path, offline_checkpoint, module, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    error, _ = cli(module, argv(tmp_path, None if module is smac else offline_checkpoint[0]), monkeypatch, capsys)
+    shown = subprocess.run([sys.executable, f"{module.__name__}.py", "--help"], capture_output=True, text=True).stdout
+    assert error == "error: [Errno 28] No space left on device" and "OMP_NUM_THREADS=1" in shown
+    assert ("$D4RL_DATASET_DIR" in shown and "$MINARI_DATASETS_PATH" in shown) == (module is smac)
+
 def test_logs_say_only_what_is_true(tmp_path, offline_checkpoint, monkeypatch, capsys):
     error, printed = cli(smac, argv(tmp_path, score_coef=0), monkeypatch, capsys)
     assert error is None and "offline step=30 " in printed  # a run shorter than LOG_FREQ prints its losses once
@@ -626,7 +628,7 @@ def test_logs_say_only_what_is_true(tmp_path, offline_checkpoint, monkeypatch, c
         assert all(("alpha=" in line) == (module is sac_finetune) for line in online_lines)  # TD3 has no alpha
         assert [line.split()[1] for line in printed.splitlines() if line.startswith("eval ")] == ["step=0", "step=300"]
 
-# ---------------------------------------------------------------- the command line
+# ---------------------------------------------------------------- logs and the command line
 @pytest.mark.parametrize("module, flags, env, error", [
     (m, *case) for m in (smac, sac_finetune, td3_finetune) for case in [
     (dict(run_dir="{tmp}/afile/sub"), {}, "error: [Errno 20] Not a directory: '{tmp}/afile/sub'"),
