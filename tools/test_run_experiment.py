@@ -1,6 +1,7 @@
 """The experiment runner on a tiny sweep: two seeds, a few hundred steps, the local process pool."""
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -17,6 +18,21 @@ import run_experiment  # noqa: E402
 from test_smac import write_hdf5  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date")
+RESULTS = os.path.join(os.path.dirname(TOOLS), "results")
+
+
+def tree_hashes(root):
+    """Every file under root with its bytes' SHA-256."""
+    return {os.path.join(d, f): hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest()
+            for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.fixture(autouse=True)
+def committed_results_untouched():
+    """After every runner test, the project's results/ is byte for byte what it was (the tests write to tmp_path)."""
+    before = tree_hashes(RESULTS)
+    yield
+    assert tree_hashes(RESULTS) == before
 
 
 def tiny_args(tmp_path, dataset, **kw):
