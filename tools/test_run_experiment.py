@@ -251,8 +251,9 @@ def fake_jobs(monkeypatch):
         elif job["kind"] != "offline":
             result = {**result, "curve": [[0, 40.0], [1200, 50.0]], "drop": 2.0, "offline_curve": [[1200, 40.0]]}
         os.makedirs(os.path.dirname(job["result"]), exist_ok=True)
-        with open(job["result"], "w") as f:
+        with open(job["result"] + ".tmp", "w") as f:  # whole or absent, as run_job writes it (jobs run in threads)
             json.dump({**result, "settings": job["settings"]}, f)
+        os.replace(job["result"] + ".tmp", job["result"])
         return result
     monkeypatch.setattr(run_experiment, "run_job", run_job)
     return started
