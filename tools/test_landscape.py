@@ -63,7 +63,8 @@ def altered(path, tmp_path, **changes):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: dict(env="walker2d-medium-v2"), "is for walker2d-medium-v2"),
+    (lambda c: dict(env="walker2d-medium-v2", task={**c["task"], "name": "walker2d-medium-v2"}),
+     "is for walker2d-medium-v2"),
     (lambda c: dict(args={**c["args"], "hidden_dim": 16}, hidden_dim=16, actor=smac.Actor(11, 3, 16).state_dict(),
                     critic=smac.TwinCritic(11, 3, 16).state_dict(),
                     target_critic=smac.TwinCritic(11, 3, 16).state_dict()),
