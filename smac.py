@@ -1,14 +1,14 @@
 """SMAC, Score-Matched Actor-Critic (de Lara and Shkurti, arXiv 2602.17632): the offline phase, in one file.
 
 SAC's soft-optimal policy is pi*(a|s) = exp(Q*(s,a) / alpha) / Z(s), so grad_a Q*(s,a) = alpha * grad_a log pi*(a|s).
-SMAC asks the offline critic to respect this with the DATASET's score, estimated by a return-conditioned diffusion
-model, and a learned state-dependent scale alpha_psi(s); the actor keeps SAC's own loss:
+SMAC asks the offline critic to respect this with the DATASET's score (a return-conditioned diffusion model) times a
+learned scale alpha_psi(s), at actions B(A), half policy samples and half uniform; the actor keeps SAC's own loss:
     L_Q = L_TD + kappa * sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) * grad_a log pi^D(a|s,w) ||^2
-with B(A) half policy samples, half uniform actions. Ours, not the authors': the fine-tuners (sac_finetune.py,
-td3_finetune.py) keep kappa_t * L_SM online, released from kappa to kappa / 100 over 15k updates. Above the banner
-further down: the whole method, offline and online. Below it: plumbing only.
+Ours, not the authors': the fine-tuners keep kappa_t * L_SM online, released from kappa to kappa / 100 over 15k
+updates. Above the banner further down: the whole method, offline and online. Below it: plumbing only.
 """
 
+import contextlib
 import copy
 import csv
 import math
@@ -18,7 +18,6 @@ import re
 import signal
 import sys
 import time
-import urllib.error
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -102,10 +101,6 @@ class Args(RunArgs):
     return_quantile: float = 0.9
     """the score is queried at w = this quantile of the dataset's normalized episode returns"""
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_flags(self, (lambda v: v is None or 1 <= v <= self.batch_size, "in [1, --batch-size]"), "penalty_states")
-
 
 # ---------------------------------------------------------------- networks
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -162,9 +157,8 @@ class TwinCritic(nn.Module):
 
 # ---------------------------------------------------------------- SMAC: the dataset's score, pi^D(a|s, w)
 class ScoreModel(nn.Module):
-    """eps_omega(s, a_k, w, k), a diffusion model of the dataset's actions in IDQL's style (a LayerNorm residual MLP),
-    conditioned on a trajectory-level return w (Reinforcement via Supervision). After k of K noise steps an action a
-    is a_k = sqrt(abar_k) a + sqrt(1 - abar_k) n, n ~ N(0, I); abar_k is DDPM's alpha-bar, the signal kept."""
+    """eps_omega(s, a_k, w, k): IDQL's diffusion model of the dataset's actions, conditioned on the episode return w;
+    after k of K noise steps a_k = sqrt(abar_k) a + sqrt(1 - abar_k) n, n ~ N(0, I) (abar_k: DDPM's alpha-bar)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 128, steps: int = 10, blocks: int = 2):
         super().__init__()  # IDQL: 256 wide, 3 blocks; smaller to fit a CPU
@@ -195,15 +189,14 @@ class ScoreModel(nn.Module):
 
     def score(self, obs, actions, w):
         # grad_a log p~(a|s,w) = -sqrt(abar_1) eps_omega(s, sqrt(abar_1) a, w, 1) / sqrt(1 - abar_1), p~ = the data's
-        # actions blurred by std sqrt((1 - abar_1) / abar_1). Queried at sqrt(abar_1) a, not at a, so the field is
-        # centred on the data's actions (at a it points to sqrt(abar_1) times them).
+        # actions blurred; asked at sqrt(abar_1) a so the field is centred on the data's actions, not on sqrt(abar_1) a
         abar, k = self.abar[0], torch.ones(len(obs), dtype=torch.long, device=obs.device)
         return -abar.sqrt() * self(obs, abar.sqrt() * actions, w, k) / (1.0 - abar).sqrt()
 
 
 def episode_return_w(data: dict) -> np.ndarray:
-    """w of each transition: the return of its episode, normalized over the dataset's episodes (the conditioning).
-    An episode ends at a terminal, a timeout, a jump from next_observations[t] to observations[t+1], or the end."""
+    """w: each transition's episode return, normalized over the dataset's episodes. An episode ends at a terminal, a
+    timeout, a jump from next_observations[t] to observations[t+1], or the end."""
     ends = (data["dones"] > 0) | (data["timeouts"] > 0)
     ends[:-1] |= np.any(data["next_observations"][:-1] != data["observations"][1:], axis=1)
     ends[-1] = True
@@ -364,9 +357,8 @@ def online_score_coefs(args, checkpoint_kappa: float) -> tuple:
 
 
 def released_score_coef(start: float, final: float, release_updates: int, update: int) -> float:
-    """kappa_t at the t-th online update: geometric from kappa_0 to the final kappa over release_updates (the online
-    behaviour changes with kappa's order: dev log, session 10), then the final one; a final 0 is approached as
-    kappa_0 / 1000, then switched off, so the penalty's cost ends too."""
+    """kappa_t at online update t: geometric from kappa_0 to the final kappa over release_updates, then the final one
+    (a final 0 is approached as kappa_0 / 1000, then switched off, so the penalty's cost ends too)."""
     if update >= release_updates or start in (0, final):  # from kappa 0 there is nothing to release
         return final
     end = max(final, start / 1000)
@@ -419,9 +411,6 @@ class FinetuneArgs(RunArgs):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.total_timesteps <= self.learning_starts:
-            raise SMACError(f"--learning-starts ({self.learning_starts}) must be smaller than --total-timesteps "
-                            f"({self.total_timesteps}): no update would happen")
         if self.drop_window is None:
             self.drop_window = max(5000, (self.total_timesteps - self.learning_starts) // 10)
 
@@ -449,14 +438,11 @@ def check_args(args) -> None:
     check_flags(args, (lambda v: 0 <= v <= 1, "in [0, 1]"), "gamma", "return_quantile")
     check_flags(args, (lambda v: 0 < v <= 1, "in (0, 1]"), "tau")
     check_flags(args, (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"), "seed")
+    check_flags(args, (lambda v: v is None or 1 <= v <= args.batch_size, "in [1, --batch-size]"), "penalty_states")
+    check_flags(args, (lambda v: v < args.total_timesteps, "below --total-timesteps (or no update happens)"),
+                "learning_starts")
     if os.path.isfile(args.run_dir):
         raise SMACError(f"--run-dir {args.run_dir} is a file, not a folder")
-
-
-def d4rl_task(name: str) -> dict:
-    """What evaluation needs of a dataset (the checkpoint keeps it): its env as a JSON EnvSpec, reference returns."""
-    env = name.split("-")[0]
-    return {"name": name, "env_spec": gym.spec(D4RL_ENVS[env]).to_json(), "ref_scores": list(REF_RETURNS[env])}
 
 
 def normalized_score(task: dict, episode_return: float) -> float:
@@ -469,10 +455,9 @@ def normalized_score(task: dict, episode_return: float) -> float:
 def read_d4rl_file(name: str, path: Optional[str]) -> tuple:
     """The D4RL-format HDF5 file; without a path, the one in $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded
     there first with torch.hub (to a .partial file renamed when done) and kept only if h5py opens it whole."""
-    cached, fix = path is None, ""
-    if cached:
-        env, dataset = name[: -len("-v2")].split("-", 1)
-        file = f"{env}_{dataset.replace('-', '_')}-v2.hdf5"
+    fix = ""
+    if path is None:
+        file = name[: -len("-v2")].replace("-", "_") + "-v2.hdf5"  # hopper-medium-replay-v2: hopper_medium_replay-v2
         path, fix = os.path.join(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets"), file), "; delete it"
         path, url = os.path.expanduser(path), f"{os.environ.get('D4RL_URL', D4RL_URL)}/{file}"
         if not os.path.exists(path):
@@ -482,7 +467,7 @@ def read_d4rl_file(name: str, path: Optional[str]) -> tuple:
                     raise ValueError("not a URL: $D4RL_URL needs http://, https://, ftp:// or file://")
                 torch.hub.download_url_to_file(url, path, progress=sys.stderr.isatty())
                 h5py.File(path, "r").close()  # HDF5 records the file's end: a page sent instead or a truncated file
-            except (urllib.error.URLError, OSError, ValueError) as e:  # fails here, and leaves the cache
+            except (OSError, ValueError) as e:  # URLError is an OSError; a failed download leaves the cache
                 if os.path.exists(path):
                     os.remove(path)
                 raise SMACError(f"could not download {url} as a whole HDF5 file ({str(e)[:200]}); nothing was kept; "
@@ -500,7 +485,8 @@ def read_d4rl_file(name: str, path: Optional[str]) -> tuple:
         data[key] = data[key][:, 0] if data[key].ndim == 2 and data[key].shape[1] == 1 else data[key]
         if data[key].ndim != 1:
             raise SMACError(f"{path}: {key} has shape {data[key].shape}, D4RL's layout is (N,)")
-    return data, d4rl_task(name)
+    env = name.split("-")[0]  # the task, what evaluation needs (the checkpoint keeps it): env spec, reference returns
+    return data, {"name": name, "env_spec": gym.spec(D4RL_ENVS[env]).to_json(), "ref_scores": list(REF_RETURNS[env])}
 
 
 def read_minari(name: str) -> tuple:
@@ -647,9 +633,7 @@ def load_checkpoint(path: str, device: torch.device) -> tuple:
         raise SMACError(f"{path}: its observation statistics are not {ckpt['obs_dim']} finite numbers (std > 0)")
     shape = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]
     actor, critic = Actor(*shape), TwinCritic(*shape)
-    target_critic = copy.deepcopy(critic)
-    load_weights(path, ckpt, actor=actor, critic=critic, target_critic=target_critic)
-    return ckpt, actor.to(device), critic.to(device), target_critic.to(device)
+    return ckpt, *load_weights(path, ckpt, device, actor=actor, critic=critic, target_critic=copy.deepcopy(critic))
 
 
 def load_score_nets(ckpt: dict, path: str, device: torch.device) -> tuple:
@@ -658,11 +642,12 @@ def load_score_nets(ckpt: dict, path: str, device: torch.device) -> tuple:
         raise SMACError(f"--score-coef > 0 needs a SMAC checkpoint; {path} was trained with --score-coef 0")
     score_model = ScoreModel(ckpt["obs_dim"], ckpt["act_dim"], steps=ckpt["args"]["diffusion_steps"])
     score_scale = ScoreScale(ckpt["obs_dim"], ckpt["hidden_dim"], ckpt["args"]["score_scale_floor"])
-    load_weights(path, ckpt, score_model=score_model, score_scale=score_scale)
-    return score_model.requires_grad_(False).to(device), score_scale.requires_grad_(False).to(device)
+    return [net.requires_grad_(False) for net in load_weights(path, ckpt, device, score_model=score_model,
+                                                              score_scale=score_scale)]
 
 
-def load_weights(path: str, ckpt: dict, **nets: nn.Module) -> None:
+def load_weights(path: str, ckpt: dict, device: torch.device, **nets: nn.Module) -> list:
+    """The nets with the checkpoint's weights of the same names, on the device."""
     try:
         for key, net in nets.items():
             net.load_state_dict(ckpt[key])
@@ -670,12 +655,12 @@ def load_weights(path: str, ckpt: dict, **nets: nn.Module) -> None:
         raise SMACError(f"{path}: the networks do not match the recorded shapes ({str(e)[:200]})") from e
     if not all(p.isfinite().all() for net in nets.values() for p in net.parameters()):
         raise SMACError(f"{path} holds non-finite (NaN or inf) weights")
+    return [net.to(device) for net in nets.values()]
 
 
-class RunLog:
+class RunLog(contextlib.AbstractContextManager):
     """runs/{run_name}/: TensorBoard scalars (and W&B with --track), metrics.csv (a row per evaluation), checkpoints.
-    `with RunLog(...) as log:` ends a run stopped by Ctrl-C or SIGTERM with one line naming its last checkpoint.
-    Losses are checked for NaN at log steps only (a check per update would sync a GPU); SPS leaves evaluations out."""
+    `with RunLog(...) as log:` ends a run stopped by Ctrl-C or SIGTERM with one line naming its last checkpoint."""
 
     def __init__(self, args, dataset_name: str):
         self.run_name = f"{dataset_name.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -693,9 +678,6 @@ class RunLog:
         table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
         self.writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
         self.start_clock()
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, kind, error, traceback):
         self.writer.close()
@@ -741,8 +723,7 @@ class RunLog:
             raise self.failure(f"the weights became non-finite (NaN or inf) by {when}")
 
     def save(self, name: str, actor, critic, target_critic, **info) -> None:
-        """Weights-only checkpoint runs/{run_name}/{name} (networks in info, e.g. the score model, as weights too),
-        written to a temporary file and renamed: never seen half-written, never non-finite."""
+        """Weights-only checkpoint runs/{run_name}/{name}, written to a temporary file and renamed: never half-seen."""
         path, tmp = os.path.join(self.dir, name), os.path.join(self.dir, f".{name}.tmp{os.getpid()}")
         self.check_finite_weights(f"the checkpoint {path}", actor, critic, target_critic)
         info.update(actor=actor, critic=critic, target_critic=target_critic)
@@ -758,10 +739,9 @@ class RunLog:
 
 
 def append_csv(path: str, row: dict) -> None:
-    new = not os.path.exists(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, list(row))
-        if new:
+        if f.tell() == 0:  # a new file
             writer.writeheader()
         writer.writerow({k: f"{v:.5g}" if isinstance(v, float) else v for k, v in row.items()})
 
