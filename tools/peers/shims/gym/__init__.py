@@ -13,11 +13,12 @@ Env = gymnasium.Env
 
 class D4RLEnv:
     def __init__(self, name: str):
-        task = smac.d4rl_task(name)
+        env = name.split("-")[0]  # as smac.read_d4rl_file makes a D4RL name's task
+        task = {"name": name, "env_spec": gymnasium.spec(smac.D4RL_ENVS[env]).to_json()}
         self.name, self.env = name, smac.make_env(task, 0.0, 1.0)
         self.observation_space, self.action_space = self.env.observation_space, self.env.action_space
         self._max_episode_steps = self.env.spec.max_episode_steps
-        self.ref_min_score, self.ref_max_score = task["ref_scores"]
+        self.ref_min_score, self.ref_max_score = smac.REF_RETURNS[env]
         self.next_seed = None
 
     @property
