@@ -2,7 +2,9 @@
 (sample, ddof 1) over seeds per dataset x fine-tuner x method, one row per sweep, and the per-fine-tuner targets of
 issue 12 (SMAC's mean drop, and its regret relative to the baseline's, over all datasets); for a sweep with
 smac-anchor rows, issue 21's (no drop and a climb: SMAC's drop, its score at 30k against smac-anchor's and
-smac-plain's, its regret against every peer's on each dataset).
+smac-plain's, its regret against every peer's on each dataset); for a sweep with peer rows, SMAC's regret against the
+best peer's per dataset and fine-tuner with Welch's t-test across seeds (issue 35: a "below" the test does not
+support is not a claim).
 
     python tools/compare_sweeps.py results/hopper-smac-15k/summary.csv results/hopper-smac-15k-warmup/summary.csv \
         --labels plain lr-warmup
@@ -17,6 +19,7 @@ from typing import List
 
 import numpy as np
 import tyro
+from scipy import stats
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import smac  # noqa: E402
@@ -75,8 +78,44 @@ def table(args: Args) -> str:
             lines.append(f"| {label} | {tuner} | {cell(('smac', 'drop'), '.2f')} | {cell(('baseline', 'drop'), '.2f')} "
                          f"| {cell(('smac', 'regret'), '.3f')} | {cell(('baseline', 'regret'), '.3f')} | {below} |")
     for label, path in zip(labels, args.summaries):
-        lines += climb_targets(label, read(path))
+        lines += climb_targets(label, read(path)) + peer_tests(label, read(path))
     return "\n".join(lines)
+
+
+def peer_tests(label: str, rows: list) -> list:
+    """Per dataset and fine-tuner: SMAC's regret against the best peer's (lowest mean regret on that dataset), each
+    as mean ± sample std [per-seed range], with Welch's t-test across seeds (two-sided; unequal variances)."""
+    peers = sorted({r["method"] for r in rows if r["finetuner"] == "own"})
+    if not peers:
+        return []
+
+    def regrets(**match):
+        return np.array([float(r["regret"]) for r in rows if all(r[k] == v for k, v in match.items())
+                         and r["regret"] not in ("", None) and np.isfinite(float(r["regret"]))])
+
+    def cell(values):
+        std = f"{values.std(ddof=1):.3f}" if len(values) > 1 else "-"
+        return f"{values.mean():.3f} ± {std} [{values.min():.3f}, {values.max():.3f}] (n {len(values)})"
+
+    lines = ["", f"| sweep {label} | dataset | fine-tuner | SMAC regret | best peer: regret | SMAC below by | "
+             "Welch's t, p (two-sided) |", "|---|---|---|---|---|---|---|"]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        ran = [(regrets(method=p, dataset=dataset), p) for p in peers]
+        ran = [(v, p) for v, p in ran if len(v)]
+        if not ran:
+            continue
+        best, peer = min(ran, key=lambda vp: vp[0].mean())
+        for tuner in sorted({r["finetuner"] for r in rows} - {"own"}):
+            ours = regrets(method="smac", finetuner=tuner, dataset=dataset)
+            if not len(ours):
+                continue
+            test = "-"
+            if len(ours) > 1 and len(best) > 1:
+                t, p = stats.ttest_ind(ours, best, equal_var=False)
+                test = f"t {t:.2f}, p {p:.3f}" if np.isfinite(p) else "-"
+            lines.append(f"| {label} | {dataset} | {tuner} | {cell(ours)} | {peer}: {cell(best)} | "
+                         f"{100 * (1 - ours.mean() / best.mean()):.0f}% | {test} |")
+    return lines
 
 
 def climb_targets(label: str, rows: list) -> list:

@@ -86,3 +86,16 @@ def test_a_blank_score_30k_does_not_stop_the_climb_targets(tmp_path):
                           ("d1", "own", "iql", 1, 3.0, 0.8, "")])
     out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop", "score_30k"]))
     assert "| d1 | sac | smac | c | 1 | 1 ± - | - |" in out and "d1: 0.500 vs iql 0.800 (38%)" in out
+
+
+def test_smac_against_the_best_peer_with_welchs_test_across_seeds(tmp_path):
+    rows = [row("smac", 1, 0.0, 0.40), row("smac", 2, 0.0, 0.50), row("smac", 3, 0.0, 0.45),
+            row("iql", 1, 0.0, 0.80, "own"), row("iql", 2, 0.0, 0.70, "own"), row("iql", 3, 0.0, 0.75, "own"),
+            row("calql", 1, 0.0, 0.90, "own"), row("calql", 2, 0.0, 0.95, "own")]
+    out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "w" / "summary.csv", rows)]))
+    # by hand: means 0.45 vs 0.75, both std 0.05, n 3: t = -0.30 / sqrt(2 * 0.0025 / 3) = -7.35, df 4, p = 0.0018
+    assert ("| w | d | sac | 0.450 ± 0.050 [0.400, 0.500] (n 3) | iql: 0.750 ± 0.050 [0.700, 0.800] (n 3) | 40% | "
+            "t -7.35, p 0.002 |") in out
+    one_seed = [r for r in rows if r["seed"] == 1]
+    out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "v" / "summary.csv", one_seed)]))
+    assert "(n 1) | 50% | - |" in out  # one seed: no test

@@ -22,17 +22,27 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date")
 # evaluation scores are known: offline 10, 20, ...; online the hand-over score minus 5 per evaluation, then up.
 STAND_IN = textwrap.dedent('''
     import argparse
+    import json
+    from dataclasses import dataclass
+
     import d4rl
     import gym
     import numpy as np
     import wandb
+
+    @dataclass
+    class TrainConfig:  # a few of the fields CORL's scripts have (run_peer reads them from this source)
+        seed: int = 0
+        tau: float = 0.005
+        iql_deterministic: bool = False
 
     parser = argparse.ArgumentParser()  # CORL parses these with pyrallis
     for flag in ("env", "device"):
         parser.add_argument(f"--{flag}")
     for flag in ("seed", "offline_iterations", "online_iterations", "eval_freq", "n_episodes"):
         parser.add_argument(f"--{flag}", type=int)
-    config = parser.parse_args()
+    config, from_dataset_config = parser.parse_known_args()
+    json.dump(from_dataset_config, open("received_flags.json", "w"))
     env, eval_env = gym.make(config.env), gym.make(config.env)
     max_steps = env._max_episode_steps
     dataset = d4rl.qlearning_dataset(env)
@@ -88,10 +98,14 @@ def test_the_stand_ins_give_the_old_gym_api_and_smacs_data(tmp_path, monkeypatch
     smac_data = run_peer.smac.load_dataset("hopper-medium-v2", str(dataset))
     np.testing.assert_array_equal(data["observations"], smac_data["observations"])
     np.testing.assert_array_equal(data["terminals"], smac_data["dones"])  # the same transitions, timeouts included
-    env.seed(3)
-    first = env.reset()
-    env.seed(3)
-    np.testing.assert_array_equal(env.reset(), first)  # seed() seeds the next reset
+    env.seed(3)  # the first call seeds the next reset only (the training env's stream)
+    reference = run_peer.smac.make_env(smac_data["task"], 0.0, 1.0)
+    np.testing.assert_array_equal(env.reset(), reference.reset(seed=3)[0])
+    assert not np.array_equal(env.reset(), reference.reset(seed=3)[0])
+    for _ in range(2):  # every later call (CORL's eval_actor): episodes reset with seeds 0, 1, ... (smac.evaluate's)
+        env.seed(7)
+        for i in range(3):
+            np.testing.assert_array_equal(env.reset(), reference.reset(seed=i)[0])
     obs, reward, done, info = env.step(np.zeros(3))
     assert obs.shape == (11,) and isinstance(reward, float) and isinstance(done, bool)
     assert env._max_episode_steps == 1000 and env.get_normalized_score(3234.3) == pytest.approx(1.0)
@@ -126,6 +140,23 @@ def test_a_peer_run_is_measured_with_smacs_metrics(tmp_path, corl_dir):
     out = subprocess.run([sys.executable, "tools/peers/run_peer.py", "--algo", "iql", "--corl-dir", str(tmp_path),
                           "--dataset-path", str(dataset)], capture_output=True, text=True, cwd=os.path.dirname(TOOLS))
     assert out.returncode != 0 and out.stderr.startswith("error: --corl-dir") and "Traceback" not in out.stderr
+
+
+def test_corls_config_for_the_dataset_name_is_applied_where_it_has_one_and_recorded(tmp_path, corl_dir):
+    dataset = write_hdf5(tmp_path / "d.hdf5")
+    folder = corl_dir / "configs" / "offline" / "iql" / "hopper"
+    folder.mkdir(parents=True)
+    (folder / "medium_v2.yaml").write_text("tau: 0.001\niql_deterministic: true\nseed: 0\nmax_timesteps: 1000000\n"
+                                           "env: hopper-medium-v2\nnot_a_flag_of_the_script: 5\n")
+    for algo, use_config, applied in (("iql", True, {"tau": 0.001, "iql_deterministic": True}),
+                                      ("iql", False, {}), ("calql", True, {})):  # CORL has no cql config here
+        result = run_peer.main(run_peer.Args(algo=algo, corl_dir=str(corl_dir), dataset_path=str(dataset),
+                                             env="hopper-medium-v2", offline_updates=100, online_steps=100,
+                                             eval_freq=100, dataset_config=use_config, run_dir=str(tmp_path / "runs")))
+        record = json.loads(open(os.path.join(result["run_dir"], "peer_config.json")).read())
+        assert record["applied"] == applied and json.load(open(corl_dir / "received_flags.json")) == [
+            f"--{k}={v}" for k, v in applied.items()]  # the script got exactly these, the seed stays the run's
+        assert record["config_file"] == ("configs/offline/iql/hopper/medium_v2.yaml" if applied else None)
 
 
 def test_the_runner_puts_peers_and_online_methods_beside_smac(tmp_path, corl_dir):

@@ -3,8 +3,10 @@
     python tools/peers/run_peer.py --algo iql --corl-dir ~/CORL --env hopper-medium-replay-v2 \
         --dataset-path ../shared/datasets/hopper_medium_replay-local.hdf5 --offline-updates 15000 --online-steps 30000
 
-CORL's script runs unchanged, as its authors wrote it, with CORL's defaults for everything but the budget, the seed
-and the evaluation schedule. What a fresh machine lacks is stood in for by tools/peers/shims/ (put first on its
+CORL's script runs unchanged, as its authors wrote it, with CORL's own settings for the dataset where CORL has a config
+file for its name (configs/finetune/<algo>/, else the offline algorithm's configs/offline/<algo>/: the values the
+script has a flag for, other than the budget, seed, evaluation, device and logging), its defaults for the rest, and the
+budget, seed and evaluation schedule given here; `peer_config.json` in the run folder records what was applied. What a fresh machine lacks is stood in for by tools/peers/shims/ (put first on its
 PYTHONPATH): `d4rl` reads the file through smac.py's reader, `gym` is the old API over gymnasium's v4 envs, `wandb`
 writes the evaluations and training episodes to a JSON-lines file. From that file this script writes the fine-tuners'
 metrics.csv and summary.csv, with drop, regret and the budget scores from smac.py's own functions: the step-0 score
@@ -12,6 +14,7 @@ is CORL's evaluation at the end of its offline phase, and regret counts its onli
 Needs: pip install -r tools/requirements-peers.txt (pyrallis).
 """
 
+import ast
 import json
 import os
 import subprocess
@@ -22,6 +25,7 @@ from typing import Literal, Optional
 
 import torch
 import tyro
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -30,6 +34,11 @@ import smac  # noqa: E402
 SHIMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shims")
 SCRIPTS = {"calql": "algorithms/finetune/cal_ql.py", "iql": "algorithms/finetune/iql.py",
            "spot": "algorithms/finetune/spot.py"}
+CONFIG_DIRS = {"calql": ("configs/finetune/cal_ql", "configs/offline/cql"),  # Cal-QL's offline phase is CQL's
+               "iql": ("configs/finetune/iql", "configs/offline/iql"), "spot": ("configs/finetune/spot",)}
+NOT_FROM_CONFIG = {"env", "seed", "eval_seed", "device", "eval_freq", "n_episodes", "offline_iterations",  # set here
+                   "online_iterations", "max_timesteps", "checkpoints_path", "load_model", "buffer_size", "project",
+                   "group", "name"}
 
 
 @dataclass
@@ -57,7 +66,9 @@ class Args:
     run_dir: str = "runs"
     """folder in which runs/{run_name}/ (log.txt, corl_log.jsonl, metrics.csv, offline_metrics.csv, summary.csv) goes"""
     corl_flags: str = ""
-    """extra flags for CORL's script, e.g. '--cql_alpha_online 5' (the defaults are CORL's)"""
+    """extra flags for CORL's script, e.g. '--cql_alpha_online 5' (after the dataset's config: they win)"""
+    dataset_config: bool = True
+    """apply CORL's own config file for this dataset name where CORL has one (off: the script's defaults only)"""
 
 
 def check(args: Args) -> str:
@@ -77,6 +88,26 @@ def check(args: Args) -> str:
     if os.path.isfile(args.run_dir):
         raise smac.SMACError(f"--run-dir {args.run_dir} is a file, not a folder")
     return script
+
+
+def dataset_config(corl_dir: str, algo: str, env: str) -> tuple:
+    """(the config file CORL has for this dataset name or None, {flag: value} of it that the script takes)."""
+    domain, dataset = env.split("-", 1)  # hopper-medium-replay-v2: configs/.../hopper/medium_replay_v2.yaml
+    for folder in CONFIG_DIRS[algo]:
+        path = os.path.join(corl_dir, folder, domain, dataset.replace("-", "_") + ".yaml")
+        if os.path.isfile(path):
+            break
+    else:
+        return None, {}
+    with open(os.path.join(corl_dir, SCRIPTS[algo])) as f:  # the script's TrainConfig fields, read without running it
+        train_config = next(node for node in ast.walk(ast.parse(f.read()))
+                            if isinstance(node, ast.ClassDef) and node.name == "TrainConfig")
+    fields = {node.target.id for node in train_config.body if isinstance(node, ast.AnnAssign)}
+    with open(path) as f:
+        config = yaml.safe_load(f) or {}
+    if not isinstance(config, dict):
+        raise smac.SMACError(f"{path}: not a YAML mapping of flags")
+    return os.path.relpath(path, corl_dir), {k: v for k, v in config.items() if k in fields - NOT_FROM_CONFIG}
 
 
 def read_corl_log(path: str, offline_updates: int):
@@ -103,10 +134,13 @@ def main(args: Args) -> dict:
     os.makedirs(run_dir)
     corl_log = os.path.join(run_dir, "corl_log.jsonl")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    config_file, config = dataset_config(args.corl_dir, args.algo, args.env) if args.dataset_config else (None, {})
+    with open(os.path.join(run_dir, "peer_config.json"), "w") as f:
+        json.dump({"config_file": config_file, "applied": config, "corl_flags": args.corl_flags}, f, indent=1)
     command = [sys.executable, script, "--env", args.env, "--seed", str(args.seed),
                "--offline_iterations", str(args.offline_updates), "--online_iterations", str(args.online_steps),
                "--eval_freq", str(args.eval_freq), "--n_episodes", str(args.eval_episodes), "--device", device,
-               *args.corl_flags.split()]
+               *[f"--{k}={v}" for k, v in config.items()], *args.corl_flags.split()]  # =: a value may be "-inf"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SHIMS, ROOT, os.environ.get("PYTHONPATH", "")]),
            "SMAC_PEER_DATASET": os.path.abspath(args.dataset_path), "SMAC_PEER_LOG": corl_log}
     print(f"{run_name}: {' '.join(command)}", flush=True)
