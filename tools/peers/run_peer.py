@@ -4,13 +4,14 @@
         --dataset-path ../shared/datasets/hopper_medium_replay-local.hdf5 --offline-updates 15000 --online-steps 30000
 
 CORL's script runs unchanged, as its authors wrote it, with CORL's own settings for the dataset where CORL has a config
-file for its name (configs/finetune/<algo>/, else the offline algorithm's configs/offline/<algo>/: the values the
-script has a flag for, other than the budget, seed, evaluation, device and logging), its defaults for the rest, and the
-budget, seed and evaluation schedule given here; `peer_config.json` in the run folder records what was applied. What a fresh machine lacks is stood in for by tools/peers/shims/ (put first on its
-PYTHONPATH): `d4rl` reads the file through smac.py's reader, `gym` is the old API over gymnasium's v4 envs, `wandb`
-writes the evaluations and training episodes to a JSON-lines file. From that file this script writes the fine-tuners'
-metrics.csv and summary.csv, with drop, regret and the budget scores from smac.py's own functions: the step-0 score
-is CORL's evaluation at the end of its offline phase, and regret counts its online training episodes.
+file for its name (configs/finetune/<algo>/, else the offline algorithm's configs/offline/<algo>/: the values the script
+has a flag for, other than the budget, seed, evaluation, device and logging), its defaults for the rest, and the budget,
+seed and evaluation schedule given here; `peer_config.json` in the run folder records what was applied. What a fresh
+machine lacks is stood in for by tools/peers/shims/ (put first on its PYTHONPATH): `d4rl` reads the file through
+smac.py's reader, `gym` is the old API over gymnasium's v4 envs, `wandb` writes the evaluations and training episodes to
+a JSON-lines file. From that file this script writes the fine-tuners' metrics.csv and summary.csv, with drop, regret and
+the budget scores from smac.py's own functions: the step-0 score is CORL's evaluation at the end of its offline phase,
+and regret counts its online training episodes.
 Needs: pip install -r tools/requirements-peers.txt (pyrallis).
 """
 
