@@ -57,10 +57,11 @@ FINETUNERS = {"sac": "sac_finetune.py", "td3": "td3_finetune.py"}
 PEER_SCRIPT = os.path.join("tools", "peers", "run_peer.py")
 REST_SCRIPT = os.path.join("tools", "offline_rest.py")
 REST_SUMMARY = ["step0", "lowest", "continuation_drop", "spread_std", "spread_range", "floor_drop", "floor_std",
-                "floor_range", "drop_limit", "std_limit", "at_rest"]  # offline_rest.py's summary row
-REST_COLUMNS = {"offline_continuation_drop": "continuation_drop", "offline_rest_spread_std": "spread_std",
-                "offline_rest_floor_drop": "floor_drop", "offline_at_rest": "at_rest",
-                "offline_rest_updates": "rest_updates"}  # summary.csv column: the rest result's value
+                "floor_range", "drop_limit", "std_limit", "noise_test", "at_rest"]  # offline_rest.py's summary row
+REST_COLUMNS = {  # summary.csv column: the rest result's value
+    "offline_continuation_drop": "continuation_drop", "offline_rest_spread_std": "spread_std",
+    "offline_rest_floor_drop": "floor_drop", "offline_rest_floor_std": "floor_std", "offline_at_rest": "at_rest",
+    "offline_rest_updates": "rest_updates"}
 OFFLINE_DIAGNOSTICS = ["score_residual_rel", "score_cosine", "alpha_psi_mean", "sac_actor_grad_norm"]
 ONLINE_METRICS = ["step0_score", "lowest_early_score", "drop", "regret", "final_score", "online_steps", "score_10k",
                   "score_30k", "td_grad_ratio", "kl_100", "kl_500", "kl_1000"]
@@ -180,7 +181,8 @@ def run_job(job: dict) -> dict:
     elif job["kind"] == "rest":  # its summary row and the scores of its evaluations
         with open(os.path.join(out_dir, "offline_rest.csv")) as f:
             *evals, summary = list(csv.DictReader(f))
-        result = {**{k: summary[k] == "True" if k == "at_rest" else float(summary[k]) for k in REST_SUMMARY},
+        result = {**{k: summary[k] == "True" if k in ("at_rest", "noise_test") else float(summary[k])
+                     for k in REST_SUMMARY},
                   "rest_updates": int(summary["update"]), "scores": [float(r["score"]) for r in evals]}
     else:  # a fine-tuner or a peer (offline then online in one run): its summary, whatever columns it has
         with open(os.path.join(run_dir, "summary.csv")) as f:

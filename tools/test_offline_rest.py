@@ -106,3 +106,16 @@ def test_an_out_file_holding_another_table_is_refused_untouched(checkpoint, tmp_
     with pytest.raises(smac.SMACError, match="holds another table"):
         rest(checkpoint, tmp_path)
     assert (tmp_path / "rest.csv").read_text() == "a,b\n1,2\n"
+
+
+@pytest.mark.parametrize("scores, at_rest", [
+    ([10.0, 9.0, 10.0, 11.0], True),  # drop 1, std 0.82: within the fixed policy's 2 + 2 and 1.5 x 1.05
+    ([10.0, 10.0, 12.0, 13.0], True),  # a climb, std 1.50
+    ([10.0, 10.0, 12.5, 13.5], False),  # a larger climb: std 1.73 > 1.58
+    ([10.0, 5.9, 10.0, 10.0], False)])  # drop 4.1 > 4
+def test_at_rest_is_issue_31s_floor_plus_2_points_and_1_5_times_the_fixed_spread(scores, at_rest):
+    picks = np.array([[10.0, 9.0, 11.0, 10.0], [11.0, 10.0, 9.0, 8.0]])  # the fixed policy: drops 1 and 3
+    summary = offline_rest.rest_summary(scores, picks)
+    assert summary["floor_drop"] == pytest.approx(2.0)
+    assert summary["floor_std"] == pytest.approx(np.mean([np.std(p, ddof=1) for p in picks]))
+    assert summary["at_rest"] is at_rest

@@ -164,8 +164,8 @@ def fake_finished(results, seeds=(1, 2), settings=None, name="fake"):
         online = {"checkpoint": "/gone/final.pt", "curve": [[0, 40.0 + seed], [600, 35.0], [1200, 60.0]],
                   "step0_score": 40.0 + seed, "lowest_early_score": 35.0, "drop": 5.0 + seed, "regret": 0.5,
                   "final_score": 60.0, "kl_100": 0.25, "td_grad_ratio": float("nan")}
-        rest = {"continuation_drop": 2.0 + seed, "spread_std": 1.25, "floor_drop": 0.75, "at_rest": True,
-                "rest_updates": 5000, "scores": [40.0 + seed, 38.0 - seed]}
+        rest = {"continuation_drop": 2.0 + seed, "spread_std": 1.25, "floor_drop": 0.75, "floor_std": 0.5,
+                "at_rest": True, "rest_updates": 5000, "scores": [40.0 + seed, 38.0 - seed]}
         for part, result in (("offline", offline), ("sac", online), ("rest", rest)):
             os.makedirs(folder / part)
             with open(folder / part / "result.json", "w") as f:
@@ -222,17 +222,19 @@ def test_collect_only_fills_the_offline_rest_columns_next_to_the_drop(tmp_path, 
     fake_finished(tmp_path / "results")
     assert run_cli(capsys, fake_flags(tmp_path, collect_only=True, rest_updates=0))[0] == 0  # collected whatever flag
     rows = read_rows(tmp_path / "results" / "fake" / "summary.csv")
-    assert [list(r.values())[8:14] for r in rows] == [["6.0000", "3.0000", "1.2500", "0.7500", "True", "5000"],
-                                                      ["7.0000", "4.0000", "1.2500", "0.7500", "True", "5000"]]
-    assert list(rows[0])[8:14] == ["drop", "offline_continuation_drop", "offline_rest_spread_std",
-                                   "offline_rest_floor_drop", "offline_at_rest", "offline_rest_updates"]
+    assert [list(r.values())[8:15] for r in rows] == [
+        ["6.0000", "3.0000", "1.2500", "0.7500", "0.5000", "True", "5000"],
+        ["7.0000", "4.0000", "1.2500", "0.7500", "0.5000", "True", "5000"]]
+    assert list(rows[0])[8:15] == ["drop", "offline_continuation_drop", "offline_rest_spread_std",
+                                   "offline_rest_floor_drop", "offline_rest_floor_std", "offline_at_rest",
+                                   "offline_rest_updates"]
     assert "| drop | offline_continuation_drop |" in (tmp_path / "results" / "fake" / "table.md").read_text()
     assert "6.5 ± 0.7 [6.0, 7.0] | 3.5 ± 0.7 [3.0, 4.0] |" in (tmp_path / "results" / "fake" / "table.md").read_text()
     for seed in (1, 2):  # a sweep made before the rest runs (the committed ones): blank cells, '-' in the table
         os.remove(tmp_path / "results" / "fake" / "finished" / "hopper-medium-v2" / "smac" / f"seed{seed}" / "rest" /
                   "result.json")
     assert run_cli(capsys, fake_flags(tmp_path, collect_only=True))[0] == 0
-    assert [list(r.values())[9:14] for r in read_rows(tmp_path / "results" / "fake" / "summary.csv")] == [[""] * 5] * 2
+    assert [list(r.values())[9:15] for r in read_rows(tmp_path / "results" / "fake" / "summary.csv")] == [[""] * 6] * 2
     assert "6.5 ± 0.7 [6.0, 7.0] | - |" in (tmp_path / "results" / "fake" / "table.md").read_text()
 
 
@@ -247,7 +249,7 @@ def fake_jobs(monkeypatch):
         result = {"checkpoint": os.path.join(job["dir"], "smac.pt"), "offline_score": 40.0, "curve": [[1200, 40.0]]}
         if job["kind"] == "rest":
             result = {"continuation_drop": 3.0 + job["key"]["seed"], "spread_std": 1.5, "floor_drop": 0.5,
-                      "at_rest": False, "rest_updates": int(job["argv"][2])}
+                      "floor_std": 0.25, "at_rest": False, "rest_updates": int(job["argv"][2])}
         elif job["kind"] != "offline":
             result = {**result, "curve": [[0, 40.0], [1200, 50.0]], "drop": 2.0, "offline_curve": [[1200, 40.0]]}
         os.makedirs(os.path.dirname(job["result"]), exist_ok=True)
@@ -271,15 +273,16 @@ def test_a_rest_job_follows_each_offline_run_not_the_peers_and_fills_its_rows(tm
     assert rest["smac", 2] == [str(folder / "offline" / "smac.pt"), "--updates", "5000", "--eval-freq", "500",
                                "--eval-episodes", "1", "--seed", "2", "--out", str(folder / "rest/offline_rest.csv")]
     summary = tmp_path / "results" / "fake" / "summary.csv"
-    cells = {(r["method"], r["seed"]): list(r.values())[9:14] for r in read_rows(summary)}
-    assert cells == {**{(m, s): [f"{3 + int(s)}.0000", "1.5000", "0.5000", "False", "5000"] for s in ("1", "2")
-                        for m in ("smac", "baseline")}, ("iql", "1"): [""] * 5, ("iql", "2"): [""] * 5}
+    cells = {(r["method"], r["seed"]): list(r.values())[9:15] for r in read_rows(summary)}
+    assert cells == {**{(m, s): [f"{3 + int(s)}.0000", "1.5000", "0.5000", "0.2500", "False", "5000"]
+                        for s in ("1", "2") for m in ("smac", "baseline")},
+                     ("iql", "1"): [""] * 6, ("iql", "2"): [""] * 6}
 
     # resumed with --rest-updates 0 nothing runs and the rest results stay; with another value, a missing one is made
     # with it and the summary says which (offline_rest_updates): never a silent mix
     started.clear()
     assert run_cli(capsys, fake_flags(tmp_path, rest_updates=0, **flags))[0] == 0 and started == []
-    assert {k: v[:4] for k, v in cells.items()} == {(r["method"], r["seed"]): list(r.values())[9:13]
+    assert {k: v[:5] for k, v in cells.items()} == {(r["method"], r["seed"]): list(r.values())[9:14]
                                                     for r in read_rows(summary)}
     os.remove(tmp_path / "results" / "fake" / "finished" / "d" / "smac" / "seed2" / "rest" / "result.json")
     assert run_cli(capsys, fake_flags(tmp_path, rest_updates=30, **flags))[0] == 0
