@@ -4,8 +4,8 @@ SAC's soft-optimal policy is pi*(a|s) = exp(Q*(s,a) / alpha) / Z(s), so grad_a Q
 SMAC asks the offline critic to respect this with the DATASET's score (a return-conditioned diffusion model) times a
 learned scale alpha_psi(s), at actions B(A), half policy samples and half uniform; the actor keeps SAC's own loss:
     L_Q = L_TD + kappa * sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) * grad_a log pi^D(a|s,w) ||^2
-Ours, not the authors': the fine-tuners keep kappa_t * L_SM online, released from kappa to kappa / 100 over 15k
-updates. Above the banner further down: the whole method, offline and online. Below it: plumbing only.
+Ours, not the authors': the fine-tuners keep kappa_t * L_SM online, released to kappa / 100 over 15k updates.
+The whole method, offline and online, is above the banner; below it, plumbing only.
 """
 
 import contextlib
@@ -20,7 +20,6 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import gymnasium as gym
 import h5py
@@ -29,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from gymnasium.envs.registration import EnvSpec
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -44,13 +42,13 @@ class RunArgs:
     cuda: bool = True
     """if toggled, CUDA is used when available (CPU otherwise)"""
     track: bool = False
-    """if toggled, the run is tracked with Weights and Biases (needs `pip install wandb`)"""
+    """if toggled, the run is tracked with Weights and Biases"""
     wandb_project_name: str = "smac"
     """the wandb project name"""
-    wandb_entity: Optional[str] = None
+    wandb_entity: str | None = None
     """the wandb entity (team)"""
     run_dir: str = "runs"
-    """folder in which runs/{run_name}/ (TensorBoard logs, metrics.csv, checkpoints) is written"""
+    """folder of the run folders {run_name}/ (TensorBoard logs, metrics.csv, checkpoints)"""
     batch_size: int = 256
     """minibatch size of transitions"""
     gamma: float = 0.99
@@ -60,7 +58,7 @@ class RunArgs:
     policy_lr: float = 3e-4
     """learning rate of the actor"""
     q_lr: float = 3e-4
-    """learning rate of the critics and of what is learned beside them (alpha_psi offline, SAC's alpha online)"""
+    """learning rate of the critics, alpha_psi (offline) and SAC's alpha (online)"""
     eval_episodes: int = 10
     """number of deterministic evaluation episodes (episode i reset with seed i)"""
 
@@ -73,9 +71,8 @@ class Args(RunArgs):
     """SMAC's offline phase. Data: $D4RL_DATASET_DIR (the D4RL cache, default ~/.d4rl/datasets), $D4RL_URL (a mirror),
     $MINARI_DATASETS_PATH and $MINARI_REMOTE (Minari's). On a CPU set OMP_NUM_THREADS=1 (or 2): small networks."""
     env: str = "hopper-medium-replay-v2"
-    """the dataset (its env follows): a D4RL name, {halfcheetah,hopper,walker2d}-{random,medium,...}-v2, or a Minari
-    id such as mujoco/hopper/medium-v0"""
-    dataset_path: Optional[str] = None
+    """the dataset (its env follows): a D4RL name like the default, or a Minari id such as mujoco/hopper/medium-v0"""
+    dataset_path: str | None = None
     """local D4RL-format HDF5 file to read instead of the download cache (D4RL names only)"""
     exp_name: str = "smac"
     """the name of this experiment (first part of the run name)"""
@@ -89,8 +86,8 @@ class Args(RunArgs):
     """SAC's entropy temperature in the soft TD target and the actor loss (fixed offline)"""
     # ---- SMAC arguments
     score_coef: float = 10.0
-    """kappa, weight of the score-matching penalty (0: the baseline, offline SAC, and no diffusion model is trained)"""
-    penalty_states: Optional[int] = None
+    """kappa, weight of the score-matching penalty (0: the baseline, offline SAC, with no diffusion model)"""
+    penalty_states: int | None = None
     """states of each minibatch at which the penalty is estimated (default all; fewer: cheaper, noisier)"""
     score_model_updates: int = 100_000
     """updates of the diffusion model of the dataset's actions, trained before the actor-critic"""
@@ -102,10 +99,7 @@ class Args(RunArgs):
     """the score is queried at w = this quantile of the dataset's normalized episode returns"""
 
 
-# ---------------------------------------------------------------- networks
-LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
-
-
+# ---- networks
 def mlp(in_dim: int, out_dim: int, hidden: int, activation=nn.ReLU) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), activation(), nn.Linear(hidden, hidden), activation(),
                          nn.Linear(hidden, out_dim))
@@ -120,7 +114,7 @@ class Actor(nn.Module):
 
     def forward(self, obs: torch.Tensor):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
+        return mean, log_std.clamp(-5.0, 2.0)  # sigma in [e^-5, e^2], as CleanRL
 
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         mean, log_std = self(obs)
@@ -151,11 +145,11 @@ class TwinCritic(nn.Module):
         for j, pair in enumerate(layers):
             weight = torch.stack([layer.weight for layer in pair]).transpose(1, 2)
             x = torch.baddbmm(torch.stack([layer.bias for layer in pair]).unsqueeze(1), x, weight)
-            x = F.silu(x) if j < len(layers) - 1 else x  # SiLU between layers, as mlp(..., nn.SiLU) builds them
+            x = F.silu(x) if j < len(layers) - 1 else x  # as mlp(..., nn.SiLU) builds them
         return x.squeeze(-1)
 
 
-# ---------------------------------------------------------------- SMAC: the dataset's score, pi^D(a|s, w)
+# ---- SMAC: the dataset's score pi^D(a|s, w), the penalty
 class ScoreModel(nn.Module):
     """eps_omega(s, a_k, w, k): IDQL's diffusion model of the dataset's actions, conditioned on the episode return w;
     after k of K noise steps a_k = sqrt(abar_k) a + sqrt(1 - abar_k) n, n ~ N(0, I) (abar_k: DDPM's alpha-bar)."""
@@ -164,12 +158,10 @@ class ScoreModel(nn.Module):
         super().__init__()  # IDQL: 256 wide, 3 blocks; smaller to fit a CPU
         k = torch.arange(1, steps + 1, dtype=torch.float32)  # IDQL's variance-preserving schedule, b = 0.1 .. 10:
         betas = 1.0 - torch.exp(-0.1 / steps - 0.5 * (10.0 - 0.1) * (2 * k - 1) / steps**2)
-        self.steps = steps
         self.register_buffer("abar", torch.cumprod(1.0 - betas, 0))
         self.inp = nn.Linear(act_dim + obs_dim + 1 + 16, hidden)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.Mish(), nn.Linear(4 * hidden, hidden))
-            for _ in range(blocks))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, 4 * hidden), nn.Mish(),
+                                                  nn.Linear(4 * hidden, hidden)) for _ in range(blocks))
         self.out = nn.Linear(hidden, act_dim)
 
     def forward(self, obs, noisy_actions, w, k):
@@ -182,7 +174,7 @@ class ScoreModel(nn.Module):
 
     def loss(self, obs, actions, w):
         # L_omega = E_{k, eps} || eps_omega(s, sqrt(abar_k) a + sqrt(1 - abar_k) eps, w, k) - eps ||^2
-        k = torch.randint(1, self.steps + 1, (len(obs),), device=obs.device)
+        k = torch.randint(1, len(self.abar) + 1, (len(obs),), device=obs.device)  # k ~ U{1, ..., K}
         abar = self.abar[k - 1][:, None]
         eps = torch.randn_like(actions)
         return (self(obs, abar.sqrt() * actions + (1 - abar).sqrt() * eps, w, k) - eps).pow(2).mean()
@@ -195,11 +187,10 @@ class ScoreModel(nn.Module):
 
 
 def episode_return_w(data: dict) -> np.ndarray:
-    """w: each transition's episode return, normalized over the dataset's episodes. An episode ends at a terminal, a
-    timeout, a jump from next_observations[t] to observations[t+1], or the end."""
-    ends = (data["dones"] > 0) | (data["timeouts"] > 0)
-    ends[:-1] |= np.any(data["next_observations"][:-1] != data["observations"][1:], axis=1)
-    ends[-1] = True
+    """w: each transition's episode return, normalized over the dataset's episodes."""
+    ends = (data["dones"] > 0) | (data["timeouts"] > 0)  # an episode ends at a terminal, a timeout,
+    ends[:-1] |= np.any(data["next_observations"][:-1] != data["observations"][1:], axis=1)  # a jump s'_t != s_t+1
+    ends[-1] = True  # or the data's end
     episode = np.concatenate([[0], np.cumsum(ends)[:-1]])
     returns = np.bincount(episode, weights=data["rewards"])  # w = (R - min R) / (max R - min R) over episodes
     return ((returns - returns.min()) / max(np.ptp(returns), 1e-8))[episode].astype(np.float32)
@@ -218,9 +209,8 @@ class ScoreScale(nn.Module):
         return self.floor + F.softplus(self.net(obs))  # (B, 1)
 
 
-# ---------------------------------------------------------------- SMAC: the score-matching penalty
 def penalty_actions(mean, log_std) -> torch.Tensor:
-    # B(A): each state gets a policy sample a ~ pi(.|s) or a uniform action a ~ U[-1, 1]^d, with probability 1/2
+    # B(A): per state, a policy sample a ~ pi(.|s) or a uniform a ~ U[-1, 1]^d, each with probability 1/2
     policy_actions = tanh_gaussian_sample(mean, log_std)[0].detach()
     uniform_actions = torch.rand_like(policy_actions) * 2.0 - 1.0
     from_policy = torch.rand(len(mean), 1, device=mean.device) < 0.5
@@ -229,8 +219,7 @@ def penalty_actions(mean, log_std) -> torch.Tensor:
 
 def score_matching_residual(critic, score_scale, score_model, obs, actions, w):
     """residual_i = grad_a Q_i(s, a) - alpha_psi(s) * grad_a log pi^D(a|s, w), shape (2, B, a), and its two parts."""
-    with torch.no_grad():
-        data_score = score_model.score(obs, actions, w)  # a fixed target: the score model is trained beforehand
+    data_score = score_model.score(obs, actions, w).detach()  # a fixed target: the score model is trained first
     actions = actions.detach().expand(2, *actions.shape).clone().requires_grad_(True)  # one set per critic
     grad_q = torch.autograd.grad(critic(obs, actions).sum(), actions, create_graph=True)[0]  # double backprop
     return grad_q - score_scale(obs) * data_score, grad_q, data_score
@@ -240,11 +229,10 @@ def score_matching_penalty(critic, score_scale, score_model, obs, mean, log_std,
     """L_SM (unweighted) at the states obs and B(A) actions, the score asked at w = w_query, offline and online."""
     w = torch.full((len(obs), 1), w_query, device=obs.device)
     residual = score_matching_residual(critic, score_scale, score_model, obs, penalty_actions(mean, log_std), w)[0]
-    # L_SM = sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) grad_a log pi^D(a|s, w) ||^2
-    return residual.pow(2).sum(-1).mean(1).sum()
+    return residual.pow(2).sum(-1).mean(1).sum()  # L_SM = sum_i E_{s~D, a~B(A)} || residual_i(s, a) ||^2
 
 
-# ---------------------------------------------------------------- SAC's losses (offline, and online in the fine-tuners)
+# ---- SAC's losses, offline and online
 def soft_td_target(actor, target_critic, batch: dict, gamma: float, alpha) -> torch.Tensor:
     # y = r + gamma * (1 - done) * (min_i Q'_i(s', a') - alpha * log pi(a'|s')),  a' ~ pi(.|s')
     with torch.no_grad():
@@ -254,17 +242,15 @@ def soft_td_target(actor, target_critic, batch: dict, gamma: float, alpha) -> to
 
 
 def td_loss(critic, batch: dict, y: torch.Tensor) -> torch.Tensor:
-    # L_TD = sum_i E_D (Q_i(s, a) - y)^2
-    return (critic(batch["observations"], batch["actions"]) - y).pow(2).mean(1).sum()
+    return (critic(batch["observations"], batch["actions"]) - y).pow(2).mean(1).sum()  # L_TD = sum_i E_D (Q_i - y)^2
 
 
 def sac_actor_loss(mean, log_std, obs, critic: TwinCritic, alpha) -> torch.Tensor:
-    # L_pi = E_s E_{a~pi} [alpha * log pi(a|s) - min_i Q_i(s, a)]; the critic's weights get no gradient from it
     actions, log_pi = tanh_gaussian_sample(mean, log_std)
-    critic.requires_grad_(False)
+    critic.requires_grad_(False)  # the critic's weights get no gradient from L_pi
     q = critic(obs, actions).min(0).values
     critic.requires_grad_(True)
-    return (alpha * log_pi - q).mean()
+    return (alpha * log_pi - q).mean()  # L_pi = E_s E_{a~pi} [alpha * log pi(a|s) - min_i Q_i(s, a)]
 
 
 def soft_update(net: nn.Module, target: nn.Module, tau: float) -> None:
@@ -273,7 +259,7 @@ def soft_update(net: nn.Module, target: nn.Module, tau: float) -> None:
             target_param.lerp_(param, tau)
 
 
-# ---------------------------------------------------------------- the offline loop
+# ---- the offline loop
 def train(args: Args) -> dict:
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -297,7 +283,7 @@ def train(args: Args) -> dict:
     with RunLog(args, args.env) as log:
         print(f"{log.run_name}: {buffer.size} transitions, obs {obs_dim}, act {act_dim}, {device}, w {w_query:.3f}")
 
-        # ALGO LOGIC, phase 1: the diffusion model of the dataset's actions, pi^D(a|s, w) (not needed when kappa = 0)
+        # ALGO LOGIC, phase 1: the diffusion model of the dataset's actions, pi^D(a|s, w) (none when kappa = 0)
         score_model_updates = args.score_model_updates if args.score_coef > 0 else 0
         for update in tqdm(range(1, score_model_updates + 1), "score model", disable=None):  # a bar on terminals only
             batch = buffer.sample(args.batch_size)
@@ -310,26 +296,22 @@ def train(args: Args) -> dict:
 
         # ALGO LOGIC, phase 2: the actor-critic
         log.start_clock()
+        n = args.penalty_states or args.batch_size  # L_SM's states: the first n of each (iid) minibatch
         for update in tqdm(range(1, args.total_updates + 1), "offline updates", disable=None):
             batch = buffer.sample(args.batch_size)
             obs = batch["observations"]
             mean, log_std = actor(obs)
 
-            # critic: L_Q = L_TD + kappa * L_SM
             y = soft_td_target(actor, target_critic, batch, args.gamma, args.alpha)
             critic_td_loss = td_loss(critic, batch, y)
-            sm_loss = torch.zeros((), device=device)
-            if args.score_coef > 0:  # SMAC, at s ~ D: the first penalty_states states of the (iid) minibatch
-                n = args.penalty_states or args.batch_size
-                sm_loss = score_matching_penalty(critic, score_scale, score_model, obs[:n], mean[:n], log_std[:n],
-                                                 w_query)
-            critic_loss = critic_td_loss + args.score_coef * sm_loss
+            sm_loss = (score_matching_penalty(critic, score_scale, score_model, obs[:n], mean[:n], log_std[:n], w_query)
+                       if args.score_coef > 0 else torch.zeros((), device=device))  # SMAC's penalty, at s ~ D
+            critic_loss = critic_td_loss + args.score_coef * sm_loss  # the critic's L_Q = L_TD + kappa * L_SM
             critic_opt.zero_grad()
             critic_loss.backward()
             critic_opt.step()
 
-            # actor: SAC's loss, unchanged
-            actor_loss = sac_actor_loss(mean, log_std, obs, critic, args.alpha)
+            actor_loss = sac_actor_loss(mean, log_std, obs, critic, args.alpha)  # the actor: SAC's loss, unchanged
             actor_opt.zero_grad()
             actor_loss.backward()
             actor_opt.step()
@@ -340,16 +322,15 @@ def train(args: Args) -> dict:
             if update % args.eval_freq_updates == 0 or update == args.total_updates:
                 score = log.evaluation("update", update, actor, eval_env, args.eval_episodes, data["task"])
                 smac_only = args.score_coef > 0  # what the fine-tuners need beside the networks:
-                log.save("smac.pt", actor, critic, target_critic, obs_dim=obs_dim, act_dim=act_dim, update=update,
-                         hidden_dim=args.hidden_dim, env=args.env, task=data["task"], alpha=args.alpha,
-                         obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), args=asdict(args),
-                         w_query=w_query, score_model=score_model if smac_only else None,
-                         score_scale=score_scale if smac_only else None)
+                log.save("smac.pt", actor, critic, target_critic, obs_dim=obs_dim, act_dim=act_dim, args=asdict(args),
+                         hidden_dim=args.hidden_dim, env=args.env, task=data["task"], alpha=args.alpha, update=update,
+                         obs_mean=torch.as_tensor(obs_mean), obs_std=torch.as_tensor(obs_std), w_query=w_query,
+                         score_model=score_model if smac_only else None, score_scale=score_scale if smac_only else None)
         print(f"{(sps := log.sps(args.total_updates))} updates/s; checkpoint: {log.last_checkpoint}")
     return {"run_dir": log.dir, "sps": sps, "normalized_score": score}
 
 
-# ---------------------------------------------------------------- online: kappa_t, the penalty's release (FinetuneArgs)
+# ---- online: kappa_t, the penalty's release
 def online_score_coefs(args, checkpoint_kappa: float) -> tuple:
     """(kappa_0, kappa after the release): by default the checkpoint's kappa, released to a hundredth of it."""
     start = checkpoint_kappa if args.score_coef is None else args.score_coef
@@ -361,8 +342,7 @@ def released_score_coef(start: float, final: float, release_updates: int, update
     (a final 0 is approached as kappa_0 / 1000, then switched off, so the penalty's cost ends too)."""
     if update >= release_updates or start in (0, final):  # from kappa 0 there is nothing to release
         return final
-    end = max(final, start / 1000)
-    return start * (end / start) ** (update / release_updates)
+    return start * (max(final, start / 1000) / start) ** (update / release_updates)
 
 
 # ======================================================================================================================
@@ -383,7 +363,6 @@ CHECKPOINT_FORMAT = "smac-checkpoint-v6"
 CHECKPOINT_INFO = ("obs_dim", "act_dim", "hidden_dim", "env", "task", "alpha", "obs_mean", "obs_std", "args",
                    "w_query", "score_model", "score_scale")  # beside the weights of actor, critic, target_critic
 AT_LEAST_0, AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
-POSITIVE = (lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 NON_NEGATIVE = (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
@@ -400,13 +379,13 @@ class FinetuneArgs(RunArgs):
     """capacity of the online replay buffer"""
     learning_starts: int = 1000
     """online steps collected by the offline policy before updates begin"""
-    score_coef: Optional[float] = None
+    score_coef: float | None = None
     """kappa_0, the penalty's weight at the hand-over; default the checkpoint's kappa (0: plain online RL)"""
-    score_coef_final: Optional[float] = None
+    score_coef_final: float | None = None
     """kappa after the release (default kappa_0 / 100; = kappa_0: no release, the anchor kept)"""
     score_release_updates: int = 15_000
     """online updates over which kappa_t falls from kappa_0 to --score-coef-final"""
-    drop_window: Optional[int] = None
+    drop_window: int | None = None
     """drop = step-0 score - lowest evaluation within this many updates; default max(5000, 10% of the updates)"""
 
     def __post_init__(self):
@@ -427,12 +406,12 @@ def check_flags(args, rule: tuple, *names: str) -> None:
 
 
 def check_args(args) -> None:
-    """The limits of every flag of the three scripts that has one (a flag has one meaning in all of them)."""
+    """The limits of the three scripts' flags (a flag has one meaning in all of them)."""
     check_flags(args, AT_LEAST_1, "batch_size", "eval_episodes", "total_updates", "eval_freq_updates", "hidden_dim",
                 "diffusion_steps", "total_timesteps", "eval_freq", "buffer_size", "learning_starts",
                 "score_release_updates", "policy_frequency")
     check_flags(args, AT_LEAST_0, "score_model_updates")
-    check_flags(args, POSITIVE, "policy_lr", "q_lr", "alpha")
+    check_flags(args, (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"), "policy_lr", "q_lr", "alpha")
     check_flags(args, NON_NEGATIVE, "score_coef", "score_scale_floor", "score_coef_final", "drop_window",
                 "exploration_noise", "policy_noise", "noise_clip", "bc_coef")
     check_flags(args, (lambda v: 0 <= v <= 1, "in [0, 1]"), "gamma", "return_quantile")
@@ -452,9 +431,8 @@ def normalized_score(task: dict, episode_return: float) -> float:
     return 100.0 * (episode_return - low) / (high - low)
 
 
-def read_d4rl_file(name: str, path: Optional[str]) -> tuple:
-    """The D4RL-format HDF5 file; without a path, the one in $D4RL_DATASET_DIR (default ~/.d4rl/datasets), downloaded
-    there first with torch.hub (to a .partial file renamed when done) and kept only if h5py opens it whole."""
+def read_d4rl_file(name: str, path: str | None) -> tuple:
+    """The D4RL-format HDF5 file at path, else in $D4RL_DATASET_DIR, downloaded there if absent (kept only if whole)."""
     fix = ""
     if path is None:
         file = name[: -len("-v2")].replace("-", "_") + "-v2.hdf5"  # hopper-medium-replay-v2: hopper_medium_replay-v2
@@ -482,10 +460,10 @@ def read_d4rl_file(name: str, path: Optional[str]) -> tuple:
     except OSError as e:
         raise SMACError(f"cannot read {path} as HDF5 ({e}){fix and fix + ' and it is downloaded again'}") from e
     for key in ("rewards", "terminals", "timeouts"):  # (N,) in D4RL; (N, 1) in many converted files
-        data[key] = data[key][:, 0] if data[key].ndim == 2 and data[key].shape[1] == 1 else data[key]
+        data[key] = data[key][:, 0] if data[key].shape[1:] == (1,) else data[key]
         if data[key].ndim != 1:
             raise SMACError(f"{path}: {key} has shape {data[key].shape}, D4RL's layout is (N,)")
-    env = name.split("-")[0]  # the task, what evaluation needs (the checkpoint keeps it): env spec, reference returns
+    env = name.split("-")[0]  # the task (checkpoints keep it): the eval env's spec, the reference returns
     return data, {"name": name, "env_spec": gym.spec(D4RL_ENVS[env]).to_json(), "ref_scores": list(REF_RETURNS[env])}
 
 
@@ -496,7 +474,7 @@ def read_minari(name: str) -> tuple:
     try:
         dataset = minari.load_dataset(name, download=True)
         spec = dataset.recover_environment(eval_env=True).spec  # the env the dataset names for evaluation
-    except Exception as e:  # minari raises several types for unknown ids, failed downloads and missing envs
+    except Exception as e:  # several types: unknown ids, failed downloads, missing envs
         why = f"{type(e).__name__}: {str(e)[:300]}"
         if "huggingface_hub is not installed" in str(e):
             why = "it is not on disk, and downloading it needs huggingface_hub: pip install 'minari[hf]'"
@@ -515,9 +493,8 @@ def read_minari(name: str) -> tuple:
     return {k: np.concatenate(v) if episodes else np.zeros((0,)) for k, v in parts.items()}, task
 
 
-def load_dataset(name: str, path: Optional[str]) -> dict:
-    """A D4RL file or a Minari dataset as D4RL's flat float32 arrays ("terminals" renamed "dones"), with one clear
-    SMACError per problem, plus the task: the evaluation env and the reference returns."""
+def load_dataset(name: str, path: str | None) -> dict:
+    """D4RL's flat float32 arrays ("terminals" as "dones") and the task (eval env, reference returns); or SMACError."""
     if name not in D4RL_NAMES and not MINARI_ID.fullmatch(name):
         raise SMACError(f"unknown dataset {name!r}: give a D4RL name {{{','.join(D4RL_ENVS)}}}-"
                         f"{{{','.join(D4RL_DATASETS)}}}-v2 or a Minari id such as mujoco/hopper/medium-v0")
@@ -552,7 +529,7 @@ def load_dataset(name: str, path: Optional[str]) -> dict:
 
 def make_env(task: dict, obs_mean: np.ndarray, obs_std: np.ndarray) -> gym.Env:
     """The task's gymnasium env, observing (obs - dataset mean) / dataset std."""
-    env = gym.make(EnvSpec.from_json(task["env_spec"]))
+    env = gym.make(gym.envs.registration.EnvSpec.from_json(task["env_spec"]))
     env = gym.wrappers.TransformObservation(env, lambda o: ((o - obs_mean) / obs_std).astype(np.float32), None)
     return gym.wrappers.RecordEpisodeStatistics(env)
 
@@ -594,13 +571,12 @@ class ReplayBuffer:
 
 def dataset_buffer(data: dict, obs_mean, obs_std, device: torch.device, batch_size: int = 1) -> ReplayBuffer:
     """The offline dataset, observations normalized, as a ReplayBuffer with the return conditioning w."""
-    if len(data["rewards"]) < batch_size:
-        raise SMACError(f"the dataset holds {len(data['rewards'])} transitions, fewer than one minibatch: give a "
-                        f"--batch-size of at most that (now {batch_size})")
-    buffer = ReplayBuffer(len(data["rewards"]), len(obs_mean), data["actions"].shape[1], device, extra=("w",))
-    buffer.add(observations=(data["observations"] - obs_mean) / obs_std, rewards=data["rewards"],
-               actions=data["actions"], dones=data["dones"], w=data["w"],
-               next_observations=(data["next_observations"] - obs_mean) / obs_std)
+    if (n := len(data["rewards"])) < batch_size:
+        raise SMACError(f"the dataset holds {n} transitions, fewer than one minibatch: give a --batch-size of at most "
+                        f"that (now {batch_size})")
+    buffer = ReplayBuffer(n, len(obs_mean), data["actions"].shape[1], device, extra=("w",))
+    buffer.add(observations=(data["observations"] - obs_mean) / obs_std, actions=data["actions"], dones=data["dones"],
+               next_observations=(data["next_observations"] - obs_mean) / obs_std, rewards=data["rewards"], w=data["w"])
     return buffer
 
 
@@ -617,9 +593,8 @@ def load_checkpoint(path: str, device: torch.device) -> tuple:
         raise SMACError(f"checkpoint {path} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt files and pickled code; its message advises an
-        raise SMACError(f"cannot read {path} as a SMAC checkpoint: it is not a weights-only torch file "  # unsafe
-                        f"({type(e).__name__})") from e  # weights_only=False: never shown
+    except Exception as e:  # corrupt file, pickled code; torch's text advises an unsafe weights_only=False: dropped
+        raise SMACError(f"cannot read {path}: it is not a weights-only torch file ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SMACError(f"{path} is not a SMAC checkpoint of this version (no format {CHECKPOINT_FORMAT!r})")
     if missing := [k for k in ("actor", "critic", "target_critic", *CHECKPOINT_INFO) if k not in ckpt]:
@@ -627,12 +602,10 @@ def load_checkpoint(path: str, device: torch.device) -> tuple:
     if ckpt["task"].get("name") != ckpt["env"]:
         raise SMACError(f"{path}: its dataset {ckpt['env']!r} and its task {ckpt['task'].get('name')!r} disagree")
     normalized_score(ckpt["task"], 0.0)  # its reference returns can normalize a score
-    mean, std = ckpt["obs_mean"], ckpt["obs_std"]
-    if not (mean.shape == std.shape == (ckpt["obs_dim"],) and mean.isfinite().all() and (std > 0).all() and
-            std.isfinite().all()):
-        raise SMACError(f"{path}: its observation statistics are not {ckpt['obs_dim']} finite numbers (std > 0)")
-    shape = ckpt["obs_dim"], ckpt["act_dim"], ckpt["hidden_dim"]
-    actor, critic = Actor(*shape), TwinCritic(*shape)
+    mean, std, dim = ckpt["obs_mean"], ckpt["obs_std"], ckpt["obs_dim"]
+    if not (mean.shape == std.shape == (dim,) and torch.stack([mean, std]).isfinite().all() and (std > 0).all()):
+        raise SMACError(f"{path}: its observation statistics are not {dim} finite numbers (std > 0)")
+    actor, critic = (net(dim, ckpt["act_dim"], ckpt["hidden_dim"]) for net in (Actor, TwinCritic))
     return ckpt, *load_weights(path, ckpt, device, actor=actor, critic=critic, target_critic=copy.deepcopy(critic))
 
 
@@ -642,8 +615,8 @@ def load_score_nets(ckpt: dict, path: str, device: torch.device) -> tuple:
         raise SMACError(f"--score-coef > 0 needs a SMAC checkpoint; {path} was trained with --score-coef 0")
     score_model = ScoreModel(ckpt["obs_dim"], ckpt["act_dim"], steps=ckpt["args"]["diffusion_steps"])
     score_scale = ScoreScale(ckpt["obs_dim"], ckpt["hidden_dim"], ckpt["args"]["score_scale_floor"])
-    return [net.requires_grad_(False) for net in load_weights(path, ckpt, device, score_model=score_model,
-                                                              score_scale=score_scale)]
+    nets = load_weights(path, ckpt, device, score_model=score_model, score_scale=score_scale)
+    return [net.requires_grad_(False) for net in nets]
 
 
 def load_weights(path: str, ckpt: dict, device: torch.device, **nets: nn.Module) -> list:
@@ -726,9 +699,8 @@ class RunLog(contextlib.AbstractContextManager):
         """Weights-only checkpoint runs/{run_name}/{name}, written to a temporary file and renamed: never half-seen."""
         path, tmp = os.path.join(self.dir, name), os.path.join(self.dir, f".{name}.tmp{os.getpid()}")
         self.check_finite_weights(f"the checkpoint {path}", actor, critic, target_critic)
-        info.update(actor=actor, critic=critic, target_critic=target_critic)
         content = {k: {n: w.detach().cpu() for n, w in v.state_dict().items()} if isinstance(v, nn.Module) else v
-                   for k, v in info.items()}
+                   for k, v in dict(info, actor=actor, critic=critic, target_critic=target_critic).items()}
         try:
             torch.save({"format": CHECKPOINT_FORMAT, **content}, tmp)
             os.replace(tmp, path)
@@ -760,8 +732,7 @@ def transfer_metrics(evals: list, train_scores: list, drop_window: int) -> dict:
 
 
 def main(train_fn, args_class) -> None:
-    """The command line of the three scripts: one clear line, no traceback, for bad input, Ctrl-C and SIGTERM, a
-    full disk or an unwritable folder (OSError), and running out of memory."""
+    """The scripts' command line: one line, no traceback, on bad input, Ctrl-C, SIGTERM, an OSError, out of memory."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a scheduler's stop ends a run as Ctrl-C does
     try:
         train_fn(tyro.cli(args_class))
