@@ -1,7 +1,7 @@
 """Where one offline SMAC update spends its time: each part of smac.py's update timed on its own (random data of the
 hopper shapes, the default networks), median over repeats. Prints a table in milliseconds.
 
-    OMP_NUM_THREADS=1 python tools/profile_update.py --score-batch-size 256
+    OMP_NUM_THREADS=1 python tools/profile_update.py --penalty-states 256
 """
 
 import os
@@ -21,7 +21,7 @@ import smac  # noqa: E402
 class Args:
     batch_size: int = 256
     """minibatch size"""
-    score_batch_size: int = 256
+    penalty_states: int = 256
     """states at which the penalty is estimated"""
     repeats: int = 200
     """timed repetitions of each part"""
@@ -44,7 +44,7 @@ def timed(fn, repeats: int) -> float:
 
 def main(args: Args) -> None:
     torch.manual_seed(0)
-    n, b = args.score_batch_size, args.batch_size
+    n, b = args.penalty_states, args.batch_size
     actor, critic = smac.Actor(args.obs_dim, args.act_dim), smac.TwinCritic(args.obs_dim, args.act_dim)
     target_critic = smac.TwinCritic(args.obs_dim, args.act_dim)
     score_model = smac.ScoreModel(args.obs_dim, args.act_dim)
@@ -63,9 +63,7 @@ def main(args: Args) -> None:
 
     def penalty():
         mean, log_std = actor(obs[:n])
-        residual, _, _ = smac.score_matching_residual(critic, score_scale, score_model, obs[:n],
-                                                      smac.penalty_actions(mean, log_std), w)
-        smac.score_matching_loss(residual).backward()
+        smac.score_matching_penalty(critic, score_scale, score_model, obs[:n], mean, log_std, 0.7).backward()
 
     def score_query():
         with torch.no_grad():
