@@ -193,6 +193,8 @@ def run_job(job: dict) -> dict:
             result["offline_curve"] = curve("offline_metrics.csv", "update")[1]
     result["settings"] = job["settings"]  # so a results folder that lost its sweep.json is still checked
     os.makedirs(os.path.dirname(job["result"]), exist_ok=True)
+    if job["kind"] in ("online", "peer") and os.path.isfile(episodes := os.path.join(run_dir, "episodes.csv")):
+        shutil.copyfile(episodes, os.path.join(os.path.dirname(job["result"]), "episodes.csv"))  # regret's data
     tmp = job["result"] + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=0)

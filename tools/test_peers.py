@@ -1,6 +1,7 @@
 """The peers' stand-ins and runner, without CORL: a small script makes the calls CORL's finetune scripts make."""
 
 import csv
+import glob
 import json
 import os
 import subprocess
@@ -131,6 +132,8 @@ def test_a_peer_run_is_measured_with_smacs_metrics(tmp_path, corl_dir):
         train = [e["train/d4rl_normalized_episode_return"] for e in map(json.loads, f)
                  if "train/d4rl_normalized_episode_return" in e]
     assert len(train) > 0 and result["regret"] == pytest.approx(np.mean([1 - s / 100 for s in train]))
+    with open(os.path.join(result["run_dir"], "episodes.csv")) as f:  # the training episodes, as the fine-tuners'
+        assert [float(r["normalized_score"]) for r in csv.DictReader(f)] == pytest.approx(train, rel=1e-4)
     assert "score_10k" not in result and result["online_steps"] == 500  # budget scores: the runner's, from the curve
     with pytest.raises(run_peer.smac.SMACError, match="must divide"):
         run_peer.main(run_peer.Args(algo="iql", corl_dir=str(corl_dir), dataset_path=str(dataset),
@@ -178,6 +181,9 @@ def test_the_runner_puts_peers_and_online_methods_beside_smac(tmp_path, corl_dir
     smac_rows = [rows[m, "sac"] for m in ("smac", "smac-anchor", "smac-plain")]
     assert len({r["offline_score"] for r in smac_rows}) == 1  # one SMAC checkpoint, three online methods
     assert len({r["final_score"] for r in smac_rows}) > 1
+    committed = sorted(os.path.relpath(p, tmp_path / "results" / "tiny" / "finished") for p in glob.glob(
+        str(tmp_path / "results" / "tiny" / "finished" / "**" / "episodes.csv"), recursive=True))
+    assert len(committed) == 5 and any("iql" in p for p in committed)  # each online run's and peer's episodes
     table = (tmp_path / "results" / "tiny" / "table.md").read_text()
     assert "| tiny-local | own | iql | 1 |" in table and "score_30k" in table
     assert (tmp_path / "results" / "tiny" / "tiny-local_sac.png").stat().st_size > 0

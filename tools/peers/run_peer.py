@@ -113,19 +113,22 @@ def dataset_config(corl_dir: str, algo: str, env: str) -> tuple:
 
 def read_corl_log(path: str, offline_updates: int):
     """CORL's evaluations split at the hand-over, [(offline update, score)] and [(online step, score)] with the
-    hand-over evaluation as online step 0, and the normalized returns of its online training episodes."""
-    offline, online, train_scores = [], [], []
+    hand-over evaluation as online step 0, and its online training episodes as episodes.csv's rows (step at the end,
+    return, normalized score)."""
+    offline, online, episodes = [], [], []
     with open(path) as f:
         for entry in map(json.loads, f):
             if "eval/d4rl_normalized_score" in entry:  # logged at step = updates so far (total_it)
                 step, score = int(entry["step"]), entry["eval/d4rl_normalized_score"]
                 (offline if step <= offline_updates else online).append((step, score))
             if "train/d4rl_normalized_episode_return" in entry:
-                train_scores.append(entry["train/d4rl_normalized_episode_return"])
+                episodes.append({"step": int(entry["step"]) - offline_updates,
+                                 "return": entry.get("train/episode_return", ""),
+                                 "normalized_score": entry["train/d4rl_normalized_episode_return"]})
     if not offline or offline[-1][0] != offline_updates:
         raise smac.SMACError(f"{path}: no evaluation at the end of the offline phase (update {offline_updates})")
     online = [(0, offline[-1][1])] + [(step - offline_updates, score) for step, score in online]
-    return offline, online, train_scores
+    return offline, online, episodes
 
 
 def main(args: Args) -> dict:
@@ -152,7 +155,10 @@ def main(args: Args) -> dict:
         raise smac.SMACError(f"CORL's {SCRIPTS[args.algo]} failed (exit {code}); see {run_dir}/log.txt")
     seconds = time.time() - start
 
-    offline, online, train_scores = read_corl_log(corl_log, args.offline_updates)
+    offline, online, episodes = read_corl_log(corl_log, args.offline_updates)
+    for episode in episodes:  # as the fine-tuners' episodes.csv: regret can be recomputed from it
+        smac.append_csv(os.path.join(run_dir, "episodes.csv"), episode)
+    train_scores = [e["normalized_score"] for e in episodes]
     for update, score in offline:
         smac.append_csv(os.path.join(run_dir, "offline_metrics.csv"), {"update": update, "normalized_score": score})
     for step, score in online:  # CORL: one update per env step from the first, so step = updates since hand-over
