@@ -84,6 +84,8 @@ class Args(RunArgs):
     """width of the hidden layers of the actor and the critics"""
     alpha: float = 0.2
     """SAC's entropy temperature in the soft TD target and the actor loss (fixed offline)"""
+    critic_layer_norm: bool = True
+    """LayerNorm in the critics (ours; off: the critics before session 17)"""
     # ---- SMAC arguments
     score_coef: float = 10.0
     """kappa, weight of the score-matching penalty (0: the baseline, offline SAC, with no diffusion model)"""
@@ -100,9 +102,9 @@ class Args(RunArgs):
 
 
 # ---- networks
-def mlp(in_dim: int, out_dim: int, hidden: int, activation=nn.ReLU) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden), activation(), nn.Linear(hidden, hidden), activation(),
-                         nn.Linear(hidden, out_dim))
+def mlp(in_dim: int, out_dim: int, hidden: int, activation=nn.ReLU, layer_norm: bool = False) -> nn.Sequential:
+    blocks = [[nn.Linear(i, hidden), *[nn.LayerNorm(hidden)][:layer_norm], activation()] for i in (in_dim, hidden)]
+    return nn.Sequential(*blocks[0], *blocks[1], nn.Linear(hidden, out_dim))
 
 
 class Actor(nn.Module):
@@ -131,21 +133,25 @@ def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor):
 
 
 class TwinCritic(nn.Module):
-    """Q_1 and Q_2, two SiLU MLPs on [s, a] run as one batched matmul per layer. SiLU, not ReLU: a ReLU critic's
-    action-gradient is piecewise constant and cannot follow a smooth score field."""
+    """Q_1, Q_2: SiLU MLPs on [s, a] (LayerNorm before each SiLU, as RLPD), one batched matmul per layer. SiLU, not
+    ReLU: a ReLU critic's action-gradient is piecewise constant, it cannot follow a smooth score."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, layer_norm: bool = True):
         super().__init__()
-        self.qs = nn.ModuleList([mlp(obs_dim + act_dim, 1, hidden, nn.SiLU) for _ in range(2)])
+        self.qs = nn.ModuleList([mlp(obs_dim + act_dim, 1, hidden, nn.SiLU, layer_norm) for _ in range(2)])
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """Q_i(s, a), shape (2, B); actions (B, a) shared by both critics or (2, B, a), one set per critic."""
         x = torch.cat([obs.expand(2, *obs.shape), actions.expand(2, *actions.shape[-2:])], dim=-1)
-        layers = list(zip(*([m for m in q if isinstance(m, nn.Linear)] for q in self.qs)))  # (Q_1's, Q_2's) layer j
-        for j, pair in enumerate(layers):
-            weight = torch.stack([layer.weight for layer in pair]).transpose(1, 2)
-            x = torch.baddbmm(torch.stack([layer.bias for layer in pair]).unsqueeze(1), x, weight)
-            x = F.silu(x) if j < len(layers) - 1 else x  # as mlp(..., nn.SiLU) builds them
+        for layer_1, layer_2 in zip(*self.qs):  # layer j of Q_1 and of Q_2, at once
+            if isinstance(layer_1, nn.SiLU):
+                x = F.silu(x)
+                continue
+            weight, bias = (torch.stack([getattr(layer_1, k), getattr(layer_2, k)]) for k in ("weight", "bias"))
+            if isinstance(layer_1, nn.Linear):
+                x = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+            else:  # LayerNorm: normalized, then each critic's own affine weights
+                x = torch.addcmul(bias.unsqueeze(1), F.layer_norm(x, x.shape[-1:]), weight.unsqueeze(1))
         return x.squeeze(-1)
 
 
@@ -165,9 +171,8 @@ class ScoreModel(nn.Module):
         self.out = nn.Linear(hidden, act_dim)
 
     def forward(self, obs, noisy_actions, w, k):
-        freqs = torch.exp(torch.linspace(0.0, math.log(100.0), 8, device=obs.device))
-        angle = k[:, None].float() * freqs  # a sinusoidal embedding of the noise step k
-        x = self.inp(torch.cat([noisy_actions, obs, w, angle.sin(), angle.cos()], -1))
+        angle = k[:, None].float() * torch.exp(torch.linspace(0.0, math.log(100.0), 8, device=obs.device))
+        x = self.inp(torch.cat([noisy_actions, obs, w, angle.sin(), angle.cos()], -1))  # k embedded sinusoidally
         for block in self.blocks:
             x = x + block(x)
         return self.out(F.mish(x))
@@ -181,7 +186,7 @@ class ScoreModel(nn.Module):
 
     def score(self, obs, actions, w):
         # grad_a log p~(a|s,w) = -sqrt(abar_1) eps_omega(s, sqrt(abar_1) a, w, 1) / sqrt(1 - abar_1), p~ = the data's
-        # actions blurred; asked at sqrt(abar_1) a so the field is centred on the data's actions, not on sqrt(abar_1) a
+        # actions blurred; asked at sqrt(abar_1) a so the field is centred on the data's actions
         abar, k = self.abar[0], torch.ones(len(obs), dtype=torch.long, device=obs.device)
         return -abar.sqrt() * self(obs, abar.sqrt() * actions, w, k) / (1.0 - abar).sqrt()
 
@@ -197,7 +202,7 @@ def episode_return_w(data: dict) -> np.ndarray:
 
 
 class ScoreScale(nn.Module):
-    """alpha_psi(s) = floor + softplus(g_psi(s)), the learned proportion between grad_a Q and the dataset's score."""
+    """alpha_psi(s) = floor + softplus(g_psi(s)), grad_a Q's learned scale to the dataset's score."""
 
     def __init__(self, obs_dim: int, hidden: int = 256, floor: float = 0.0, init: float = 1.0):
         super().__init__()
@@ -226,7 +231,7 @@ def score_matching_residual(critic, score_scale, score_model, obs, actions, w):
 
 
 def score_matching_penalty(critic, score_scale, score_model, obs, mean, log_std, w_query: float) -> torch.Tensor:
-    """L_SM (unweighted) at the states obs and B(A) actions, the score asked at w = w_query, offline and online."""
+    """L_SM (unweighted) at the states obs and B(A) actions, the score asked at w = w_query."""
     w = torch.full((len(obs), 1), w_query, device=obs.device)
     residual = score_matching_residual(critic, score_scale, score_model, obs, penalty_actions(mean, log_std), w)[0]
     return residual.pow(2).sum(-1).mean(1).sum()  # L_SM = sum_i E_{s~D, a~B(A)} || residual_i(s, a) ||^2
@@ -272,7 +277,7 @@ def train(args: Args) -> dict:
     buffer = dataset_buffer(data, obs_mean, obs_std, device, args.batch_size)
 
     actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
-    critic = TwinCritic(obs_dim, act_dim, args.hidden_dim).to(device)
+    critic = TwinCritic(obs_dim, act_dim, args.hidden_dim, args.critic_layer_norm).to(device)
     target_critic = copy.deepcopy(critic)
     score_model = ScoreModel(obs_dim, act_dim, steps=args.diffusion_steps).to(device)
     score_scale = ScoreScale(obs_dim, args.hidden_dim, args.score_scale_floor).to(device)
@@ -332,7 +337,7 @@ def train(args: Args) -> dict:
 
 # ---- online: kappa_t, the penalty's release
 def online_score_coefs(args, checkpoint_kappa: float) -> tuple:
-    """(kappa_0, kappa after the release): by default the checkpoint's kappa, released to a hundredth of it."""
+    """(kappa_0, final kappa): by default the checkpoint's kappa, released to a hundredth of it."""
     start = checkpoint_kappa if args.score_coef is None else args.score_coef
     return start, start / 100 if args.score_coef_final is None else args.score_coef_final
 
@@ -349,19 +354,19 @@ def released_score_coef(start: float, final: float, release_updates: int, update
 # TRY NOT TO MODIFY: the plumbing. Flag checks, D4RL and Minari data, envs, replay, logs, checkpoints, main.
 # ======================================================================================================================
 
-# D4RL's v2 data came from the v3 MuJoCo envs; gymnasium's v4 envs have the same model (v5 changed it), so v4 it is.
+# D4RL's v2 data came from MuJoCo's v3 envs; gymnasium's v4 have their model (v5 changed it).
 warnings.filterwarnings("ignore", message=".*is out of date. You should consider upgrading to version `v5`")
 D4RL_ENVS = {"halfcheetah": "HalfCheetah-v4", "hopper": "Hopper-v4", "walker2d": "Walker2d-v4"}
 D4RL_DATASETS = ("random", "medium", "medium-replay", "medium-expert", "expert")
 D4RL_NAMES = [f"{e}-{d}-v2" for e in D4RL_ENVS for d in D4RL_DATASETS]
 REF_RETURNS = {"halfcheetah": (-280.178953, 12135.0), "hopper": (-20.272305, 3234.3), "walker2d": (1.629008, 4592.3)}
-D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"  # $D4RL_URL: a mirror (same file names)
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"  # or $D4RL_URL, a mirror
 MINARI_ID = re.compile(r"[\w.-]+(/[\w.-]+)+-v\d+")  # namespace/.../name-vN
 DATASET_KEYS = ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts")
 LOG_FREQ = 1000  # updates (offline) or steps (online) between log lines
-CHECKPOINT_FORMAT = "smac-checkpoint-v6"
+CHECKPOINT_FORMAT = "smac-checkpoint-v7"
 CHECKPOINT_INFO = ("obs_dim", "act_dim", "hidden_dim", "env", "task", "alpha", "obs_mean", "obs_std", "args",
-                   "w_query", "score_model", "score_scale")  # beside the weights of actor, critic, target_critic
+                   "w_query", "score_model", "score_scale")  # beside the three networks' weights
 AT_LEAST_0, AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
 NON_NEGATIVE = (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0")
 
@@ -388,11 +393,6 @@ class FinetuneArgs(RunArgs):
     drop_window: int | None = None
     """drop = step-0 score - lowest evaluation within this many updates; default max(5000, 10% of the updates)"""
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.drop_window is None:
-            self.drop_window = max(5000, (self.total_timesteps - self.learning_starts) // 10)
-
 
 class SMACError(Exception):
     """Bad input or a failed run: the message says what and how to fix it (main prints it as one line)."""
@@ -418,14 +418,12 @@ def check_args(args) -> None:
     check_flags(args, (lambda v: 0 < v <= 1, "in (0, 1]"), "tau")
     check_flags(args, (lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"), "seed")
     check_flags(args, (lambda v: v is None or 1 <= v <= args.batch_size, "in [1, --batch-size]"), "penalty_states")
-    check_flags(args, (lambda v: v < args.total_timesteps, "below --total-timesteps (or no update happens)"),
-                "learning_starts")
-    if os.path.isfile(args.run_dir):
-        raise SMACError(f"--run-dir {args.run_dir} is a file, not a folder")
+    check_flags(args, (lambda v: v < args.total_timesteps, "below --total-timesteps (no update)"), "learning_starts")
+    check_flags(args, (lambda v: not os.path.isfile(v), "a folder, not a file"), "run_dir")
 
 
 def normalized_score(task: dict, episode_return: float) -> float:
-    low, high = task["ref_scores"]  # D4RL (and Minari): score = 100 * (R - R_random) / (R_expert - R_random)
+    low, high = task["ref_scores"]  # D4RL's: score = 100 * (R - R_random) / (R_expert - R_random)
     if not high > low:
         raise SMACError(f"{task['name']}: reference returns {task['ref_scores']}, the expert's not above the random's")
     return 100.0 * (episode_return - low) / (high - low)
@@ -444,8 +442,8 @@ def read_d4rl_file(name: str, path: str | None) -> tuple:
                 if not re.match(r"(https?|ftp|file)://", url):  # checked first: torch.hub would leave a .partial
                     raise ValueError("not a URL: $D4RL_URL needs http://, https://, ftp:// or file://")
                 torch.hub.download_url_to_file(url, path, progress=sys.stderr.isatty())
-                h5py.File(path, "r").close()  # HDF5 records the file's end: a page sent instead or a truncated file
-            except (OSError, ValueError) as e:  # URLError is an OSError; a failed download leaves the cache
+                h5py.File(path, "r").close()  # a page sent instead, or a truncated file, fails
+            except (OSError, ValueError) as e:  # URLError is an OSError
                 if os.path.exists(path):
                     os.remove(path)
                 raise SMACError(f"could not download {url} as a whole HDF5 file ({str(e)[:200]}); nothing was kept; "
@@ -463,7 +461,7 @@ def read_d4rl_file(name: str, path: str | None) -> tuple:
         data[key] = data[key][:, 0] if data[key].shape[1:] == (1,) else data[key]
         if data[key].ndim != 1:
             raise SMACError(f"{path}: {key} has shape {data[key].shape}, D4RL's layout is (N,)")
-    env = name.split("-")[0]  # the task (checkpoints keep it): the eval env's spec, the reference returns
+    env = name.split("-")[0]  # the task: eval env spec, reference returns
     return data, {"name": name, "env_spec": gym.spec(D4RL_ENVS[env]).to_json(), "ref_scores": list(REF_RETURNS[env])}
 
 
@@ -473,7 +471,7 @@ def read_minari(name: str) -> tuple:
 
     try:
         dataset = minari.load_dataset(name, download=True)
-        spec = dataset.recover_environment(eval_env=True).spec  # the env the dataset names for evaluation
+        spec = dataset.recover_environment(eval_env=True).spec  # its evaluation env
     except Exception as e:  # several types: unknown ids, failed downloads, missing envs
         why = f"{type(e).__name__}: {str(e)[:300]}"
         if "huggingface_hub is not installed" in str(e):
@@ -507,7 +505,7 @@ def load_dataset(name: str, path: str | None) -> dict:
         raise SMACError(f"{where}: the keys have different lengths {sorted(lengths)}")
     if lengths == {0}:
         raise SMACError(f"{where} holds no transitions")
-    env, _ = make_env(task, 0.0, 1.0), normalized_score(task, 0.0)  # the env exists; the reference returns work
+    env, _ = make_env(task, 0.0, 1.0), normalized_score(task, 0.0)  # the env and its references work
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     for key, dim in (("observations", obs_dim), ("next_observations", obs_dim), ("actions", act_dim)):
         if data[key].ndim != 2 or data[key].shape[1] != dim:
@@ -523,7 +521,7 @@ def load_dataset(name: str, path: str | None) -> dict:
         warnings.warn(f"{where}: {outside.mean():.2%} of the action entries lie outside the action space [-1, 1] "
                       f"(up to {np.abs(data['actions']).max():.4g}); they are clipped to it")
     data = {k: v.astype(np.float32) for k, v in data.items()}
-    data["dones"] = data.pop("terminals")  # a timeout ends the episode but is not a terminal state: no bootstrap cut
+    data["dones"] = data.pop("terminals")  # a timeout is not terminal: no bootstrap cut
     return {**data, "task": task}
 
 
@@ -593,7 +591,7 @@ def load_checkpoint(path: str, device: torch.device) -> tuple:
         raise SMACError(f"checkpoint {path} {'is a folder, not a file' if os.path.isdir(path) else 'does not exist'}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickled code; torch's text advises an unsafe weights_only=False: dropped
+    except Exception as e:  # corrupt file or pickled code (torch's advice, weights_only=False, unsaid)
         raise SMACError(f"cannot read {path}: it is not a weights-only torch file ({type(e).__name__})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise SMACError(f"{path} is not a SMAC checkpoint of this version (no format {CHECKPOINT_FORMAT!r})")
@@ -605,7 +603,8 @@ def load_checkpoint(path: str, device: torch.device) -> tuple:
     mean, std, dim = ckpt["obs_mean"], ckpt["obs_std"], ckpt["obs_dim"]
     if not (mean.shape == std.shape == (dim,) and torch.stack([mean, std]).isfinite().all() and (std > 0).all()):
         raise SMACError(f"{path}: its observation statistics are not {dim} finite numbers (std > 0)")
-    actor, critic = (net(dim, ckpt["act_dim"], ckpt["hidden_dim"]) for net in (Actor, TwinCritic))
+    actor = Actor(dim, ckpt["act_dim"], ckpt["hidden_dim"])
+    critic = TwinCritic(dim, ckpt["act_dim"], ckpt["hidden_dim"], ckpt["args"].get("critic_layer_norm", False))
     return ckpt, *load_weights(path, ckpt, device, actor=actor, critic=critic, target_critic=copy.deepcopy(critic))
 
 
@@ -624,7 +623,7 @@ def load_weights(path: str, ckpt: dict, device: torch.device, **nets: nn.Module)
     try:
         for key, net in nets.items():
             net.load_state_dict(ckpt[key])
-    except (RuntimeError, TypeError, AttributeError) as e:  # load_state_dict names the missing or mis-shaped weights
+    except (RuntimeError, TypeError, AttributeError) as e:  # load_state_dict names the weights
         raise SMACError(f"{path}: the networks do not match the recorded shapes ({str(e)[:200]})") from e
     if not all(p.isfinite().all() for net in nets.values() for p in net.parameters()):
         raise SMACError(f"{path} holds non-finite (NaN or inf) weights")
@@ -680,7 +679,7 @@ class RunLog(contextlib.AbstractContextManager):
     def evaluation(self, step_name: str, step: int, actor: Actor, env: gym.Env, episodes: int, task: dict,
                    **metrics) -> float:
         """Mean normalized score of `evaluate`'s episodes; a row of metrics.csv with `metrics`, in TensorBoard."""
-        self.check_finite_weights(f"{step_name} {step}", actor)  # a NaN policy is never evaluated, nor reported
+        self.check_finite_weights(f"{step_name} {step}", actor)  # a NaN policy is never reported
         start, device = time.time(), next(actor.parameters()).device
         score = float(np.mean([normalized_score(task, r) for r in evaluate(actor, env, episodes, device)]))
         row = {step_name: step, "normalized_score": score, **metrics}
@@ -705,7 +704,7 @@ class RunLog(contextlib.AbstractContextManager):
             torch.save({"format": CHECKPOINT_FORMAT, **content}, tmp)
             os.replace(tmp, path)
             self.last_checkpoint = path
-        finally:  # a failed or interrupted write: the old checkpoint stays, the partial one goes
+        finally:  # a failed or interrupted write: the old checkpoint stays
             if os.path.exists(tmp):
                 os.remove(tmp)
 
@@ -718,11 +717,12 @@ def append_csv(path: str, row: dict) -> None:
         writer.writerow({k: f"{v:.5g}" if isinstance(v, float) else v for k, v in row.items()})
 
 
-def transfer_metrics(evals: list, train_scores: list, drop_window: int) -> dict:
+def transfer_metrics(evals: list, train_scores: list, drop_window: int | None, updates: int = 0) -> dict:
     """evals: (updates since the hand-over, normalized score), step 0 first; a fall the updates cause is in the window.
     drop   = max(0, step-0 score - lowest evaluation within drop_window updates)
     regret = mean over online training episodes of (1 - normalized return / 100)   (as Cal-QL and CORL)"""
-    start, lowest = evals[0][1], min(score for updates, score in evals if updates <= drop_window)
+    drop_window = max(5000, updates // 10) if drop_window is None else drop_window  # 10% of the updates, >= 5000
+    start, lowest = evals[0][1], min(score for done, score in evals if done <= drop_window)
     if not all(math.isfinite(score) for _, score in evals):  # min() would skip a NaN: never a finite drop from one
         start = lowest = math.nan
     regret = float(np.mean([1.0 - s / 100.0 for s in train_scores])) if train_scores else math.nan

@@ -116,7 +116,8 @@ def train(args: Args) -> dict:
                 evals.append((updates, score))
                 log.save("final.pt", actor, critic, target_critic, **{k: ckpt[k] for k in smac.CHECKPOINT_INFO},
                          step=step, online_args=asdict(args))  # alpha: the offline one, for a later SAC fine-tune
-        summary = smac.transfer_metrics(evals, train_scores, args.drop_window)
+        updates = args.total_timesteps - args.learning_starts  # the drop window's default is 10% of them
+        summary = smac.transfer_metrics(evals, train_scores, args.drop_window, updates)
         smac.append_csv(os.path.join(log.dir, "summary.csv"), summary)
         print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()), f"\nfine-tuned checkpoint: {log.last_checkpoint}")
     return {"run_dir": log.dir, **summary}

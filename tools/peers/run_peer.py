@@ -164,8 +164,7 @@ def main(args: Args) -> dict:
     for step, score in online:  # CORL: one update per env step from the first, so step = updates since hand-over
         smac.append_csv(os.path.join(run_dir, "metrics.csv"), {"step": step, "normalized_score": score,
                                                                 "updates": step})
-    window = args.drop_window if args.drop_window is not None else max(5000, args.online_steps // 10)
-    summary = smac.transfer_metrics(online, train_scores, window)
+    summary = smac.transfer_metrics(online, train_scores, args.drop_window, args.online_steps)  # SMAC's window
     summary.update(online_steps=args.online_steps, offline_score=offline[-1][1],
                    updates_per_second=(args.offline_updates + args.online_steps) / seconds)
     smac.append_csv(os.path.join(run_dir, "summary.csv"), summary)
