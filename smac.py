@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import time
+import types
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -99,6 +100,8 @@ class Args(RunArgs):
     """alpha_psi(s) >= this floor (left free, alpha_psi shrinks to 0 and the critic goes flat in the action)"""
     return_quantile: float = 0.9
     """the score is queried at w = this quantile of the dataset's normalized episode returns"""
+    binary_reward: bool = False
+    """reward 1 at the steps the env reports success, else 0, in the data and (the checkpoint says) online; Adroit's"""
 
 
 # ---- networks
@@ -268,7 +271,7 @@ def soft_update(net: nn.Module, target: nn.Module, tau: float) -> None:
 def train(args: Args) -> dict:
     seed_everything(args.seed, args.torch_deterministic)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    data = load_dataset(args.env, args.dataset_path)
+    data = load_dataset(args.env, args.dataset_path, args.binary_reward)
     data["actions"] = data["actions"].clip(-1.0, 1.0)  # where tanh policies and B(A)'s uniform actions live
     data["w"] = episode_return_w(data)  # the return each transition's action is conditioned on
     w_query = float(np.quantile(data["w"], args.return_quantile))  # w at which the score is asked
@@ -373,13 +376,13 @@ NON_NEGATIVE = (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite nu
 
 @dataclass(kw_only=True)
 class FinetuneArgs(RunArgs):
-    """The flags both fine-tuners have (each adds its algorithm's own); their method is above the banner."""
+    """The flags both fine-tuners have (each adds its algorithm's own)."""
     checkpoint: str
     """SMAC checkpoint (runs/<run_name>/smac.pt) to fine-tune"""
     total_timesteps: int = 250_000
     """online environment steps"""
     eval_freq: int = 5000
-    """evaluate (and write final.pt) every this many environment steps, at step 0 and at the last"""
+    """evaluate (and write final.pt) every this many steps, at step 0 and at the last"""
     buffer_size: int = 1_000_000
     """capacity of the online replay buffer"""
     learning_starts: int = 1000
@@ -395,7 +398,7 @@ class FinetuneArgs(RunArgs):
 
 
 class SMACError(Exception):
-    """Bad input or a failed run: the message says what and how to fix it (main prints it as one line)."""
+    """Bad input or a failed run: its one line (main prints it) says what and how to fix it."""
 
 
 def check_flags(args, rule: tuple, *names: str) -> None:
@@ -433,7 +436,7 @@ def read_d4rl_file(name: str, path: str | None) -> tuple:
     """The D4RL-format HDF5 file at path, else in $D4RL_DATASET_DIR, downloaded there if absent (kept only if whole)."""
     fix = ""
     if path is None:
-        file = name[: -len("-v2")].replace("-", "_") + "-v2.hdf5"  # hopper-medium-replay-v2: hopper_medium_replay-v2
+        file = name[:-3].replace("-", "_") + "-v2.hdf5"  # hopper-medium-replay-v2: hopper_medium_replay-v2
         path, fix = os.path.join(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets"), file), "; delete it"
         path, url = os.path.expanduser(path), f"{os.environ.get('D4RL_URL', D4RL_URL)}/{file}"
         if not os.path.exists(path):
@@ -471,7 +474,8 @@ def read_minari(name: str) -> tuple:
 
     try:
         dataset = minari.load_dataset(name, download=True)
-        spec = dataset.recover_environment(eval_env=True).spec  # its evaluation env
+        fix_robotics_joint_types()
+        env = dataset.recover_environment(eval_env=True)  # its evaluation env
     except Exception as e:  # several types: unknown ids, failed downloads, missing envs
         why = f"{type(e).__name__}: {str(e)[:300]}"
         if "huggingface_hub is not installed" in str(e):
@@ -479,19 +483,27 @@ def read_minari(name: str) -> tuple:
         elif "Couldn't find any version" in str(e) or "doesn't exist in the remote" in str(e):
             why = f"unknown: neither in $MINARI_DATASETS_PATH nor on {os.environ.get('MINARI_REMOTE', 'the hub')}"
         raise SMACError(f"cannot load the Minari dataset {name} ({why})") from e
-    meta, episodes = dataset.storage.metadata, list(dataset.iterate_episodes())
-    if meta.get("ref_min_score") is None or meta.get("ref_max_score") is None:
+    episodes, obs_space, act_space = list(dataset.iterate_episodes()), dataset.observation_space, dataset.action_space
+    if None in (refs := [dataset.storage.metadata.get(k) for k in ("ref_min_score", "ref_max_score")]):
         raise SMACError(f"the Minari dataset {name} has no ref_min_score and ref_max_score for the normalized score")
-    if not all(isinstance(e.observations, np.ndarray) and isinstance(e.actions, np.ndarray) for e in episodes):
-        raise SMACError(f"the Minari dataset {name} has dict or tuple observations or actions; SMAC reads vectors")
-    parts = {"observations": [e.observations[:-1] for e in episodes], "actions": [e.actions for e in episodes],
-             "rewards": [e.rewards for e in episodes], "next_observations": [e.observations[1:] for e in episodes],
+    if (obs_space, act_space) != (env.observation_space, env.action_space):
+        raise SMACError(f"the Minari dataset {name} records observations {obs_space} and actions {act_space}; its env "
+                        f"{env.spec.id} has {env.observation_space}, {env.action_space}")
+    if not isinstance(act_space, gym.spaces.Box):
+        raise SMACError(f"the Minari dataset {name} has {act_space} actions; SMAC acts in a Box")
+    observations = [e.observations if isinstance(e.observations, np.ndarray) else np.stack([  # a dict per step, flat
+        gym.spaces.flatten(obs_space, o) for o in gym.vector.utils.iterate(gym.vector.utils.batch_space(
+            obs_space, len(e.actions) + 1), e.observations)]) for e in episodes]  # as FlattenObservation online
+    parts = {"observations": [o[:-1] for o in observations], "actions": [e.actions for e in episodes],
+             "rewards": [e.rewards for e in episodes], "next_observations": [o[1:] for o in observations],
              "terminals": [e.terminations for e in episodes], "timeouts": [e.truncations for e in episodes]}
-    task = {"name": name, "env_spec": spec.to_json(), "ref_scores": [meta["ref_min_score"], meta["ref_max_score"]]}
+    if all("success" in (e.infos or {}) for e in episodes):
+        parts["success"] = [e.infos["success"][-len(e.actions):] for e in episodes]  # steps' (and reset's) infos
+    task = {"name": name, "env_spec": env.spec.to_json(), "ref_scores": refs}
     return {k: np.concatenate(v) if episodes else np.zeros((0,)) for k, v in parts.items()}, task
 
 
-def load_dataset(name: str, path: str | None) -> dict:
+def load_dataset(name: str, path: str | None, binary_reward: bool = False) -> dict:
     """D4RL's flat float32 arrays ("terminals" as "dones") and the task (eval env, reference returns); or SMACError."""
     if name not in D4RL_NAMES and not MINARI_ID.fullmatch(name):
         raise SMACError(f"unknown dataset {name!r}: give a D4RL name {{{','.join(D4RL_ENVS)}}}-"
@@ -500,7 +512,10 @@ def load_dataset(name: str, path: str | None) -> dict:
         raise SMACError(f"--dataset-path is for D4RL-format files; the Minari dataset {name} is read from "
                         "$MINARI_DATASETS_PATH (default ~/.minari/datasets)")
     data, task = read_d4rl_file(name, path) if name in D4RL_NAMES else read_minari(name)
-    where = path or name
+    where, success, task["binary_reward"] = path or name, data.pop("success", None), binary_reward
+    if binary_reward and success is None:
+        raise SMACError(f"--binary-reward needs the env's success at every step (infos['success']): {where} has none")
+    data["rewards"] = success if binary_reward else data["rewards"]  # r = 1 where the step succeeded, else 0
     if len(lengths := {len(v) for v in data.values()}) != 1:
         raise SMACError(f"{where}: the keys have different lengths {sorted(lengths)}")
     if lengths == {0}:
@@ -526,24 +541,45 @@ def load_dataset(name: str, path: str | None) -> dict:
 
 
 def make_env(task: dict, obs_mean: np.ndarray, obs_std: np.ndarray) -> gym.Env:
-    """The task's gymnasium env, observing (obs - dataset mean) / dataset std."""
-    env = gym.make(gym.envs.registration.EnvSpec.from_json(task["env_spec"]))
+    """The task's gymnasium env (dictionary observations flattened), observing (obs - dataset mean) / dataset std."""
+    spec = gym.envs.registration.EnvSpec.from_json(task["env_spec"])
+    if str(spec.entry_point).startswith("gymnasium_robotics"):
+        fix_robotics_joint_types()
+    env = gym.make(spec)
+    env = gym.wrappers.FlattenObservation(env) if isinstance(env.observation_space, gym.spaces.Dict) else env
     env = gym.wrappers.TransformObservation(env, lambda o: ((o - obs_mean) / obs_std).astype(np.float32), None)
     return gym.wrappers.RecordEpisodeStatistics(env)
 
 
+def step_success(info: dict) -> bool | None:
+    """The env's success at a step: Adroit's info["success"], the kitchen's every task done; None: the env has none."""
+    return (bool(info["success"]) if "success" in info else
+            not info["tasks_to_complete"] if "tasks_to_complete" in info else None)
+
+
+def fix_robotics_joint_types() -> None:
+    """gymnasium-robotics 1.4.2's `joint_type in (HINGE, SLIDE)` fails on mujoco 4's enums (kitchen envs): ints pass."""
+    import mujoco
+    from gymnasium_robotics.utils import mujoco_utils
+
+    joints = {k: int(getattr(mujoco.mjtJoint, k)) for k in dir(mujoco.mjtJoint) if k.startswith("mjJNT_")}
+    mujoco_utils.mujoco = types.SimpleNamespace(**{**vars(mujoco), "mjtJoint": types.SimpleNamespace(**joints)})
+
+
 @torch.no_grad()
-def evaluate(actor: Actor, env: gym.Env, episodes: int, device: torch.device) -> list:
-    """Returns of deterministic episodes (action tanh(mean)), episode i reset with seed i."""
-    returns = []
+def evaluate(actor: Actor, env: gym.Env, episodes: int, device: torch.device) -> tuple:
+    """Returns of deterministic episodes (action tanh(mean)), episode i reset with seed i, and their success (at any
+    step; None: the env has none)."""
+    returns, successes = [], []
     for i in range(episodes):
-        (obs, _), done, total = env.reset(seed=i), False, 0.0
+        (obs, _), done, total, success = env.reset(seed=i), False, 0.0, None
         while not done:
             action = actor.act(torch.as_tensor(obs, device=device)[None], deterministic=True)[0].cpu().numpy()
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total, done = total + float(reward), terminated or truncated
+            obs, reward, terminated, truncated, info = env.step(action)
+            total, success, done = total + float(reward), success or step_success(info), terminated or truncated
         returns.append(total)
-    return returns
+        successes.append(success)
+    return returns, successes
 
 
 class ReplayBuffer:
@@ -570,8 +606,8 @@ class ReplayBuffer:
 def dataset_buffer(data: dict, obs_mean, obs_std, device: torch.device, batch_size: int = 1) -> ReplayBuffer:
     """The offline dataset, observations normalized, as a ReplayBuffer with the return conditioning w."""
     if (n := len(data["rewards"])) < batch_size:
-        raise SMACError(f"the dataset holds {n} transitions, fewer than one minibatch: give a --batch-size of at most "
-                        f"that (now {batch_size})")
+        raise SMACError(f"the dataset holds {n} transitions, fewer than one minibatch: give --batch-size {n} or less "
+                        f"(now {batch_size})")
     buffer = ReplayBuffer(n, len(obs_mean), data["actions"].shape[1], device, extra=("w",))
     buffer.add(observations=(data["observations"] - obs_mean) / obs_std, actions=data["actions"], dones=data["dones"],
                next_observations=(data["next_observations"] - obs_mean) / obs_std, rewards=data["rewards"], w=data["w"])
@@ -631,7 +667,7 @@ def load_weights(path: str, ckpt: dict, device: torch.device, **nets: nn.Module)
 
 
 class RunLog(contextlib.AbstractContextManager):
-    """runs/{run_name}/: TensorBoard scalars (and W&B with --track), metrics.csv (a row per evaluation), checkpoints.
+    """runs/{run_name}/: TensorBoard scalars (W&B with --track), metrics.csv (a row per evaluation), checkpoints.
     `with RunLog(...) as log:` ends a run stopped by Ctrl-C or SIGTERM with one line naming its last checkpoint."""
 
     def __init__(self, args, dataset_name: str):
@@ -678,11 +714,12 @@ class RunLog(contextlib.AbstractContextManager):
 
     def evaluation(self, step_name: str, step: int, actor: Actor, env: gym.Env, episodes: int, task: dict,
                    **metrics) -> float:
-        """Mean normalized score of `evaluate`'s episodes; a row of metrics.csv with `metrics`, in TensorBoard."""
+        """Mean normalized score of `evaluate`'s episodes: with success_rate and `metrics`, metrics.csv, TensorBoard."""
         self.check_finite_weights(f"{step_name} {step}", actor)  # a NaN policy is never reported
-        start, device = time.time(), next(actor.parameters()).device
-        score = float(np.mean([normalized_score(task, r) for r in evaluate(actor, env, episodes, device)]))
-        row = {step_name: step, "normalized_score": score, **metrics}
+        start, (returns, successes) = time.time(), evaluate(actor, env, episodes, next(actor.parameters()).device)
+        score = float(np.mean([normalized_score(task, r) for r in returns]))
+        success = {} if None in successes else {"success_rate": float(np.mean(successes))}  # goal tasks only
+        row = {step_name: step, "normalized_score": score, **success, **metrics}
         for name, value in row.items():
             self.writer.add_scalar(f"eval/{name}", value, step)
         print("eval " + " ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
@@ -717,18 +754,21 @@ def append_csv(path: str, row: dict) -> None:
         writer.writerow({k: f"{v:.5g}" if isinstance(v, float) else v for k, v in row.items()})
 
 
-def transfer_metrics(evals: list, train_scores: list, drop_window: int | None, updates: int = 0) -> dict:
+def transfer_metrics(evals: list, train_scores: list, drop_window: int | None, updates: int = 0,
+                     train_successes: list | None = None) -> dict:
     """evals: (updates since the hand-over, normalized score), step 0 first; a fall the updates cause is in the window.
     drop   = max(0, step-0 score - lowest evaluation within drop_window updates)
-    regret = mean over online training episodes of (1 - normalized return / 100)   (as Cal-QL and CORL)"""
+    regret = mean over online training episodes of 1 - normalized return / 100 (Cal-QL, CORL), or of 1 - success"""
     drop_window = max(5000, updates // 10) if drop_window is None else drop_window  # 10% of the updates, >= 5000
     start, lowest = evals[0][1], min(score for done, score in evals if done <= drop_window)
     if not all(math.isfinite(score) for _, score in evals):  # min() would skip a NaN: never a finite drop from one
         start = lowest = math.nan
-    regret = float(np.mean([1.0 - s / 100.0 for s in train_scores])) if train_scores else math.nan
+    losses = [1.0 - s / 100.0 for s in train_scores] if train_successes is None else [1.0 - s for s in train_successes]
+    regret = float(np.mean(losses)) if losses else math.nan
     drop = start - lowest if math.isnan(start) else max(0.0, start - lowest)
     return {"step0_score": start, "lowest_early_score": lowest, "drop": drop, "regret": regret,
-            "final_score": evals[-1][1], "train_episodes": len(train_scores)}
+            "regret_from": "return" if train_successes is None else "success", "final_score": evals[-1][1],
+            "train_episodes": len(train_scores)}
 
 
 def main(train_fn, args_class) -> None:

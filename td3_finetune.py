@@ -48,7 +48,8 @@ def train(args: Args) -> dict:
 
     with smac.RunLog(args, ckpt["env"]) as log:
         obs, _ = env.reset(seed=args.seed)
-        kappa, train_scores, critic_loss, actor_loss = kappa_0, [], torch.zeros(()), torch.zeros(())
+        kappa, train_scores, train_successes, success = kappa_0, [], [], None
+        critic_loss, actor_loss = torch.zeros(()), torch.zeros(())
         evals = [(0, log.evaluation("step", 0, actor, eval_env, args.eval_episodes, task, updates=0,
                                     score_coef=kappa))]  # the offline policy opens the curve
         for step in tqdm(range(1, args.total_timesteps + 1), "online steps", disable=None):
@@ -56,17 +57,22 @@ def train(args: Args) -> dict:
                 action = actor.act(torch.as_tensor(obs, device=device)[None], deterministic=True)[0]
                 action = (action + args.exploration_noise * torch.randn_like(action)).clamp(-1, 1).cpu().numpy()
             next_obs, reward, terminated, truncated, info = env.step(action)
+            if task.get("binary_reward"):  # --binary-reward offline: r = 1 at a step the env reports success, else 0
+                reward = float(bool(smac.step_success(info)))
             # a time-limit end (truncated) is not a terminal state: its target still bootstraps
             rb.add(observations=obs[None], actions=action[None], rewards=[reward], next_observations=next_obs[None],
                    dones=[terminated])
-            obs = next_obs
-            if terminated or truncated:  # the episode's return: TensorBoard, and episodes.csv for regret
+            obs, success = next_obs, success or smac.step_success(info)  # success: at any step (goal tasks)
+            if terminated or truncated:  # the episode's return (and success): TensorBoard, episodes.csv for regret
                 episode_return = float(info["episode"]["r"])
                 train_scores.append(smac.normalized_score(task, episode_return))
                 episode = {"step": step, "return": episode_return, "normalized_score": train_scores[-1]}
+                if success is not None:
+                    train_successes.append(success)
+                    episode["success"] = int(success)
                 log.writer.add_scalar("charts/episodic_return", episode_return, step)
                 smac.append_csv(os.path.join(log.dir, "episodes.csv"), episode)
-                obs, _ = env.reset()
+                (obs, _), success = env.reset(), None
 
             # ALGO LOGIC: training
             if step > args.learning_starts:
@@ -117,9 +123,10 @@ def train(args: Args) -> dict:
                 log.save("final.pt", actor, critic, target_critic, **{k: ckpt[k] for k in smac.CHECKPOINT_INFO},
                          step=step, online_args=asdict(args))  # alpha: the offline one, for a later SAC fine-tune
         updates = args.total_timesteps - args.learning_starts  # the drop window's default is 10% of them
-        summary = smac.transfer_metrics(evals, train_scores, args.drop_window, updates)
+        summary = smac.transfer_metrics(evals, train_scores, args.drop_window, updates, train_successes or None)
         smac.append_csv(os.path.join(log.dir, "summary.csv"), summary)
-        print(" ".join(f"{k}={v:.4g}" for k, v in summary.items()), f"\nfine-tuned checkpoint: {log.last_checkpoint}")
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()),
+              f"\nfine-tuned checkpoint: {log.last_checkpoint}")
     return {"run_dir": log.dir, **summary}
 
 

@@ -223,9 +223,9 @@ def test_drop_counts_updates_from_the_hand_over_and_regret_is_the_mean_shortfall
     # the held-out case: 67.0 at the hand-over, 2.3 after 1000 updates (a window of steps, not updates, missed it)
     evals = [(0, 67.0), (0, 67.0), (100, 40.0), (1000, 2.3), (4000, 20.0), (9000, 50.0)]
     train_scores = [smac.normalized_score({"name": "h", "ref_scores": (-20.27, 3234.3)}, r) for r in (3234.3, 1607.0)]
-    assert smac.transfer_metrics(evals, train_scores, drop_window=5000) == pytest.approx(dict(
-        step0_score=67.0, lowest_early_score=2.3, drop=64.7, final_score=50.0, train_episodes=2,
-        regret=(0.0 + 1 - train_scores[1] / 100) / 2))
+    metrics = smac.transfer_metrics(evals, train_scores, drop_window=5000)
+    assert metrics.pop("regret_from") == "return" and metrics == pytest.approx(dict(step0_score=67.0, drop=64.7,
+        lowest_early_score=2.3, final_score=50.0, train_episodes=2, regret=(0.0 + 1 - train_scores[1] / 100) / 2))
     outside = smac.transfer_metrics(evals, [], drop_window=500)  # the fall is outside; no episode: no regret
     assert outside["drop"] == pytest.approx(27.0) and math.isnan(outside["regret"])
     assert smac.transfer_metrics([(0, 40.0), (50, 45.0)], [], drop_window=500)["drop"] == 0.0  # a climb is no drop
@@ -257,8 +257,9 @@ def test_finetuner_opens_with_the_offline_score_writes_its_records_and_a_final_p
     regret = np.mean([1 - float(e["normalized_score"]) / 100 for e in episodes])  # recomputable from episodes.csv
     assert result["regret"] == pytest.approx(regret, rel=1e-4)
     (summary,), keys = read_csv(os.path.join(result["run_dir"], "summary.csv")), list(result)[1:]  # after run_dir
-    assert list(summary) == keys == "step0_score lowest_early_score drop regret final_score train_episodes".split()
-    assert [float(summary[k]) for k in keys] == pytest.approx([result[k] for k in keys], rel=1e-4)
+    names = "step0_score lowest_early_score drop regret regret_from final_score train_episodes".split()
+    assert list(summary) == keys == names and summary.pop("regret_from") == "return"  # locomotion: from returns
+    assert [float(summary[k]) for k in summary] == pytest.approx([result[k] for k in summary], rel=1e-4)
     ckpt = smac.load_checkpoint(final := os.path.join(result["run_dir"], "final.pt"), CPU)[0]
     assert ckpt["env"] == "hopper-medium-v2" and ckpt["step"] == 300 and ckpt["online_args"]["total_timesteps"] == 300
     assert (ckpt["alpha"] == 0.2) == (module is td3_finetune)  # SAC's alpha as tuned online; TD3 keeps the offline one
@@ -449,24 +450,32 @@ def test_a_download_that_is_not_a_whole_hdf5_file_names_the_url_and_leaves_nothi
     assert os.listdir(tmp_path / "cache") == [] and not (tmp_path / "runs").exists()
 
 # ---------------------------------------------------------------- Minari data
+def record_minari(name, env_id, episodes=6, steps=60, refs=(-100.0, 900.0), successes=None, eval_env=None, **kwargs):
+    """Random-action episodes of a real env made the Minari dataset `name` by minari (infos['success'] as
+    successes(episode, T + 1) says, so the test knows which steps succeeded)."""
+    import minari
+    from minari.data_collector import EpisodeBuffer
+    env, rng, buffers = smac.gym.make(env_id, max_episode_steps=steps, **kwargs), np.random.default_rng(0), []
+    for i in range(episodes):
+        obs, actions, rewards, ends = [env.reset(seed=i)[0]], [], [], [(False, False)]
+        while not any(ends[-1]):
+            actions.append(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
+            obs.append((step := env.step(actions[-1]))[0]), rewards.append(step[1]), ends.append(step[2:4])
+        infos = {} if successes is None else {"infos": {"success": successes(i, len(obs))}}
+        space = env.observation_space  # dictionary observations (kitchen) stacked per key, as minari stores them
+        obs = smac.gym.vector.utils.concatenate(space, obs, smac.gym.vector.utils.create_empty_array(space, len(obs)))
+        buffers.append(EpisodeBuffer(id=i, observations=obs, actions=np.array(actions), rewards=rewards, **infos,
+                                     terminations=np.array(ends[1:])[:, 0], truncations=np.array(ends[1:])[:, 1]))
+    minari.create_dataset_from_buffers(name, buffers, env=env.spec, eval_env=eval_env or env.spec,
+                                       ref_min_score=refs[0], ref_max_score=refs[1], algorithm_name="uniform")
+    return buffers
+
 @pytest.fixture
 def minari_dataset(tmp_path, monkeypatch):
     """Six Hopper-v4 episodes of 60 steps at most, made a Minari dataset by minari in $MINARI_DATASETS_PATH."""
-    import minari
-    from minari.data_collector import EpisodeBuffer
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
     monkeypatch.setenv("MINARI_REMOTE", "hf://127.0.0.1-no-such-remote")  # a missing id must not reach a network
-    env, rng, episodes = smac.gym.make("Hopper-v4", max_episode_steps=60), np.random.default_rng(0), []
-    for i in range(6):
-        obs, actions, rewards, ends = [env.reset(seed=i)[0]], [], [], [(False, False)]
-        while not any(ends[-1]):
-            actions.append(rng.uniform(-1, 1, 3).astype(np.float32))
-            obs.append((step := env.step(actions[-1]))[0]), rewards.append(step[1]), ends.append(step[2:4])
-        episodes.append(EpisodeBuffer(id=i, observations=np.array(obs), actions=np.array(actions), rewards=rewards,
-                                      terminations=np.array(ends[1:])[:, 0], truncations=np.array(ends[1:])[:, 1]))
-    minari.create_dataset_from_buffers("mujoco/hopper/tiny-v0", episodes, env="Hopper-v4", eval_env="Hopper-v4",
-                                       ref_min_score=-100.0, ref_max_score=900.0, algorithm_name="uniform")
-    return "mujoco/hopper/tiny-v0", episodes
+    return "mujoco/hopper/tiny-v0", record_minari("mujoco/hopper/tiny-v0", "Hopper-v4")
 
 def test_minari_dataset_trains_and_the_fine_tuner_needs_nothing_else(tmp_path, minari_dataset):
     (name, episodes), first = minari_dataset, minari_dataset[1][0]
@@ -479,12 +488,67 @@ def test_minari_dataset_trains_and_the_fine_tuner_needs_nothing_else(tmp_path, m
     ckpt, actor, _, _ = smac.load_checkpoint(path := os.path.join(result["run_dir"], "smac.pt"), CPU)
     assert ckpt["env"] == name and ckpt["task"] == data["task"] and "/mujoco_hopper_tiny-v0__smac__" in path
     env = smac.make_env(ckpt["task"], ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy())
-    (episode_return,) = smac.evaluate(actor, env, 1, CPU)
-    assert env.spec.id == "Hopper-v4" and result["normalized_score"] == pytest.approx((episode_return + 100) / 10)
+    (episode_return,), (success,) = smac.evaluate(actor, env, 1, CPU)
+    assert env.spec.id == "Hopper-v4" and success is None  # locomotion: no success signal
+    assert result["normalized_score"] == pytest.approx((episode_return + 100) / 10)
     online = sac_finetune.train(online_args(sac_finetune, tmp_path, path, eval_episodes=1))
     assert online["step0_score"] == pytest.approx(result["normalized_score"], abs=1e-3)
     with pytest.raises(smac.SMACError, match=r"cannot load the Minari dataset mujoco/hopper/absent-v0 \(Offline"):
         smac.load_dataset("mujoco/hopper/absent-v0", None)  # neither on disk nor reachable ($HF_HUB_OFFLINE)
+
+@pytest.fixture
+def robotics(tmp_path, monkeypatch):  # gymnasium-robotics' envs, registered and fixed as smac.make_env does
+    import gymnasium_robotics
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    smac.gym.register_envs(gymnasium_robotics)
+    smac.fix_robotics_joint_types()
+
+def fine_tune_both(tmp_path, checkpoint):  # (summary, episodes.csv, metrics.csv) of a short SAC and TD3 run
+    for module in (sac_finetune, td3_finetune):
+        run = module.train(online_args(module, tmp_path, checkpoint, total_timesteps=60, learning_starts=20,
+                                       eval_freq=30, batch_size=16))["run_dir"]
+        yield *[read_csv(os.path.join(run, f)) for f in ("summary.csv", "episodes.csv", "metrics.csv")],
+
+def test_the_binary_reward_follows_the_recorded_success_offline_and_online_and_regret_counts_successes(
+        tmp_path, robotics, monkeypatch):
+    name = "D4RL/door/cloned-v2"  # the paper's id, a tiny recording; the test writes success at 3 known steps
+    record_minari(name, "AdroitHandDoor-v1", 3, 20, (0.0, 4.0), lambda i, n: (np.arange(n) >= n - 3) & (i == 1))
+    dense, binary = (smac.load_dataset(name, None, b) for b in (False, True))
+    assert binary["rewards"].tolist() == [0.0] * 37 + [1.0] * 3 + [0.0] * 20 and (dense["rewards"] != 0).all()
+    assert binary["task"]["binary_reward"] and not dense["task"]["binary_reward"]
+    result = smac.train(small_args(tmp_path, None, env=name, binary_reward=True, batch_size=16))
+    ckpt = smac.load_checkpoint(path := os.path.join(result["run_dir"], "smac.pt"), CPU)[0]
+    assert ckpt["task"]["binary_reward"] and read_csv(os.path.join(result["run_dir"], "metrics.csv"), "success_rate")
+    env = smac.make_env(ckpt["task"], 0.0, 1.0)
+    env.reset(seed=0)
+    env.unwrapped.data.qpos[env.unwrapped.door_hinge_addrs] = 1.5  # the door opened: a success
+    assert smac.step_success(env.step(np.zeros(env.action_space.shape, np.float32))[-1]) is True
+    assert smac.step_success({"success": np.False_}) is False and smac.step_success({}) is None  # no signal
+    added, add = [], smac.ReplayBuffer.add
+    monkeypatch.setattr(smac.ReplayBuffer, "add", lambda self, **t: added.extend(t["rewards"]) or add(self, **t))
+    for (summary,), episodes, evals in fine_tune_both(tmp_path, path):  # a random policy never opens the door
+        assert (summary["regret_from"], summary["regret"], len(episodes)) == ("success", "1", 3)
+        assert [e["success"] for e in episodes] == ["0"] * 3 and [e["success_rate"] for e in evals] == ["0"] * 3
+        assert float(episodes[0]["return"]) < 0  # the env's dense return is scored, the 0/1 reward learned from
+    assert set(added) == {0.0} and len(added) == 2 * 60
+    assert smac.transfer_metrics([(0, 1.0)], [5.0] * 4, 10, 0, [True, False, True, True])["regret"] == 0.25
+
+def test_kitchen_dictionary_observations_read_as_online_and_a_dataset_unlike_its_env_is_refused(tmp_path, robotics):
+    name, tasks = "D4RL/kitchen/partial-v2", ["microwave", "kettle", "light switch", "slide cabinet"]  # partial's
+    record_minari(name, "FrankaKitchen-v1", 2, 20, (0.0, 4.0), tasks_to_complete=tasks)
+    data = smac.load_dataset(name, None)
+    assert data["observations"].shape == (40, 59 + 2 * (1 + 7 + 2 + 1))  # the robot, achieved and desired goals
+    reset = smac.make_env(data["task"], 0.0, 1.0).reset(seed=0)[0]  # the recorded episode 0 began there
+    np.testing.assert_allclose(data["observations"][0], reset, rtol=1e-6)
+    with pytest.raises(smac.SMACError, match="--binary-reward needs the env's success"):
+        smac.load_dataset(name, None, binary_reward=True)
+    result = smac.train(small_args(tmp_path, None, env=name, batch_size=16))
+    for (summary,), _, evals in fine_tune_both(tmp_path, os.path.join(result["run_dir"], "smac.pt")):
+        assert summary["regret_from"] == "success" and summary["regret"] == "1" and "success_rate" in evals[0]
+    unlike = smac.gym.make("FrankaKitchen-v1", tasks_to_complete=["microwave"]).spec
+    record_minari("D4RL/kitchen/unlike-v2", "FrankaKitchen-v1", 1, 5, eval_env=unlike, tasks_to_complete=tasks)
+    with pytest.raises(smac.SMACError, match=r"unlike-v2 records observations Dict.* its env FrankaKitchen-v1 has"):
+        smac.load_dataset("D4RL/kitchen/unlike-v2", None)
 
 class FakeHub(Handler):
     """The few Hugging Face Hub routes minari's download uses ($HF_ENDPOINT), serving repos from server.root."""

@@ -77,7 +77,7 @@ def path_scores(offline_path: str, finetuned_path: str, ts, episodes: int, devic
     actor = copy.deepcopy(actor_0)
     rows = []
     for t in ts:
-        returns = smac.evaluate(interpolate(actor_0, actor_1, float(t), actor), env, episodes, device)
+        returns = smac.evaluate(interpolate(actor_0, actor_1, float(t), actor), env, episodes, device)[0]
         scores = [smac.normalized_score(ckpt["task"], r) for r in returns]
         rows.append((float(t), float(np.mean(scores)), float(np.std(scores))))
         print(f"t={t:+.2f} normalized_score={np.mean(scores):.1f} ± {np.std(scores):.1f}", flush=True)

@@ -136,7 +136,7 @@ def run(args: Args) -> dict:
     scores = []
     for update in range(args.updates + 1):
         if update % args.eval_freq == 0:
-            returns = smac.evaluate(actor, env, args.eval_episodes, torch.device("cpu"))
+            returns = smac.evaluate(actor, env, args.eval_episodes, torch.device("cpu"))[0]
             scores.append(float(np.mean([smac.normalized_score(ckpt["task"], r) for r in returns])))
             write_row(**tag, row="eval", update=update, score=scores[-1])
             print(f"update={update} score={scores[-1]:.2f}", flush=True)

@@ -63,8 +63,9 @@ REST_COLUMNS = {  # summary.csv column: the rest result's value
     "offline_rest_floor_drop": "floor_drop", "offline_rest_floor_std": "floor_std", "offline_at_rest": "at_rest",
     "offline_rest_updates": "rest_updates"}
 OFFLINE_DIAGNOSTICS = ["score_residual_rel", "score_cosine", "alpha_psi_mean", "sac_actor_grad_norm"]
-ONLINE_METRICS = ["step0_score", "lowest_early_score", "drop", "regret", "final_score", "online_steps", "score_10k",
-                  "score_30k", "td_grad_ratio", "kl_100", "kl_500", "kl_1000"]
+ONLINE_METRICS = ["step0_score", "lowest_early_score", "drop", "regret", "regret_from", "final_score",
+                  "final_success_rate", "online_steps", "score_10k", "score_30k", "td_grad_ratio", "kl_100", "kl_500",
+                  "kl_1000"]  # regret_from: "success" (goal tasks) or "return"
 SUMMARY_COLUMNS = ["dataset", "env", "method", "finetuner", "seed", "offline_score", *ONLINE_METRICS[:3], *REST_COLUMNS,
                    *ONLINE_METRICS[3:], *OFFLINE_DIAGNOSTICS]  # all but the key and offline_score may be absent: blank
 SETTINGS = ["offline_updates", "online_steps", "offline_eval_freq", "online_eval_freq", "eval_episodes", "smac_flags",
@@ -187,8 +188,11 @@ def run_job(job: dict) -> dict:
     else:  # a fine-tuner or a peer (offline then online in one run): its summary, whatever columns it has
         with open(os.path.join(run_dir, "summary.csv")) as f:
             (summary,) = list(csv.DictReader(f))
+        rows, points = curve("metrics.csv", "step")
         result = {"checkpoint": None if job["kind"] == "peer" else os.path.join(run_dir, "final.pt"),
-                  **{k: float(v) for k, v in summary.items() if v}, "curve": curve("metrics.csv", "step")[1]}
+                  **{k: v if k == "regret_from" else float(v) for k, v in summary.items() if v}, "curve": points}
+        if rows[-1].get("success_rate"):  # goal tasks: the last evaluation's success rate
+            result["final_success_rate"] = float(rows[-1]["success_rate"])
         if job["kind"] == "peer":
             result["offline_curve"] = curve("offline_metrics.csv", "update")[1]
     result["settings"] = job["settings"]  # so a results folder that lost its sweep.json is still checked
@@ -506,7 +510,7 @@ def write_table(rows: List[dict], path: str) -> None:
     """Per dataset x fine-tuner x method: mean ± sample std over seeds (ddof 1) [lowest, highest seed], as a Markdown
     table ('-': a value does not exist)."""
     metrics = ["offline_score", "step0_score", "lowest_early_score", "drop", "offline_continuation_drop", "regret",
-               "final_score", "score_10k", "score_30k"]
+               "final_score", "final_success_rate", "score_10k", "score_30k"]
     lines = ["| dataset | fine-tuner | method | seeds | " + " | ".join(metrics) + " |",
              "|---|---|---|---|" + "---|" * len(metrics)]
     groups = sorted({(r["dataset"], r["finetuner"], r["method"]) for r in rows})

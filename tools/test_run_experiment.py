@@ -69,6 +69,7 @@ def test_tiny_sweep_writes_summary_and_plots_resumes_and_reproduces(tmp_path, ca
                                                  abs=1e-3)
         assert r["offline_rest_updates"] == "20" and r["offline_at_rest"] in ("True", "False")  # offline_rest.py ran
         assert float(r["offline_continuation_drop"]) >= 0 and float(r["offline_rest_floor_drop"]) >= 0
+        assert r["regret_from"] == "return" and r["final_success_rate"] == ""  # locomotion: no success signal
     assert (out / "tiny-local_sac.png").stat().st_size > 0 and (out / "tiny-local_td3.png").stat().st_size > 0
     assert (out / "table.md").read_text().count("| tiny-local |") == 4
 
@@ -163,7 +164,8 @@ def fake_finished(results, seeds=(1, 2), settings=None, name="fake"):
                    "curve": [[100, 30.0], [200, 40.0 + seed]], "score_residual_rel": float("nan")}
         online = {"checkpoint": "/gone/final.pt", "curve": [[0, 40.0 + seed], [600, 35.0], [1200, 60.0]],
                   "step0_score": 40.0 + seed, "lowest_early_score": 35.0, "drop": 5.0 + seed, "regret": 0.5,
-                  "final_score": 60.0, "kl_100": 0.25, "td_grad_ratio": float("nan")}
+                  "final_score": 60.0, "kl_100": 0.25, "td_grad_ratio": float("nan"), "regret_from": "success",
+                  "final_success_rate": 0.2 * seed}
         rest = {"continuation_drop": 2.0 + seed, "spread_std": 1.25, "floor_drop": 0.75, "floor_std": 0.5,
                 "at_rest": True, "rest_updates": 5000, "scores": [40.0 + seed, 38.0 - seed]}
         for part, result in (("offline", offline), ("sac", online), ("rest", rest)):
@@ -210,9 +212,9 @@ def test_collect_only_rebuilds_the_summary_with_blanks_and_budget_scores(tmp_pat
     assert "nan" not in text.lower()  # a value that does not exist is blank
     rows = read_rows(tmp_path / "results" / "fake" / "summary.csv")
     assert [(r["seed"], r["drop"], r["kl_100"], r["kl_500"], r["td_grad_ratio"], r["score_cosine"],
-             r["score_residual_rel"], r["online_steps"], r["score_10k"]) for r in rows] == [
-        ("1", "6.0000", "0.2500", "", "", "0.5000", "", "1200.0000", ""),
-        ("2", "7.0000", "0.2500", "", "", "0.5000", "", "1200.0000", "")]
+             r["score_residual_rel"], r["online_steps"], r["score_10k"], r["regret_from"], r["final_success_rate"])
+            for r in rows] == [("1", "6.0000", "0.2500", "", "", "0.5000", "", "1200.0000", "", "success", "0.2000"),
+                               ("2", "7.0000", "0.2500", "", "", "0.5000", "", "1200.0000", "", "success", "0.4000")]
     table = (tmp_path / "results" / "fake" / "table.md").read_text()
     assert "| hopper-medium-v2 | sac | smac | 2 | 41.5 ± 0.7 [41.0, 42.0] |" in table  # sample std, seed range
     assert "| - |" in table and "nan" not in table  # score_10k: the runs are shorter
