@@ -121,7 +121,7 @@ def run(args: Args) -> dict:
         score_model, score_scale = smac.load_score_nets(ckpt, args.checkpoint, torch.device("cpu"))
         score_scale.requires_grad_(True)  # alpha_psi is trained with the critic offline; the diffusion model is not
     obs_mean, obs_std = ckpt["obs_mean"].numpy(), ckpt["obs_std"].numpy()
-    data = smac.load_dataset(ckpt["env"], off["dataset_path"])
+    data = smac.load_dataset(ckpt["env"], off["dataset_path"], off.get("binary_reward", False))  # its rewards
     data["actions"] = data["actions"].clip(-1.0, 1.0)
     data["w"] = smac.episode_return_w(data)
     buffer = smac.dataset_buffer(data, obs_mean, obs_std, torch.device("cpu"), off["batch_size"])

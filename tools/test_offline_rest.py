@@ -73,6 +73,14 @@ def test_zero_learning_rates_stay_exactly_at_rest(checkpoint, tmp_path):
     assert result["at_rest"] is True
 
 
+def test_the_continuation_reads_the_data_as_the_offline_run_did(checkpoint, tmp_path):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["args"]["binary_reward"] = True  # as a goal task's: its rewards come from the data's success, which is absent
+    torch.save(ckpt, path := str(tmp_path / "binary.pt"))
+    with pytest.raises(smac.SMACError, match="--binary-reward needs the env's success"):
+        rest(path, tmp_path)
+
+
 def test_fixed_policy_draws_are_distinct_sets():
     picks = offline_rest.fixed_policy_draws(np.arange(8.0), 3, draws=500)
     assert picks.shape == (500, 4) and all(len(set(row)) == 4 for row in picks)
