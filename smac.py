@@ -474,7 +474,8 @@ def read_minari(name: str) -> tuple:
 
     try:
         dataset = minari.load_dataset(name, download=True)
-        fix_robotics_joint_types()
+        if "gymnasium_robotics" in str(dataset.storage.metadata):  # its env is one of gymnasium-robotics'
+            fix_robotics_joint_types()
         env = dataset.recover_environment(eval_env=True)  # its evaluation env
     except Exception as e:  # several types: unknown ids, failed downloads, missing envs
         why = f"{type(e).__name__}: {str(e)[:300]}"
@@ -489,16 +490,21 @@ def read_minari(name: str) -> tuple:
     if (obs_space, act_space) != (env.observation_space, env.action_space):
         raise SMACError(f"the Minari dataset {name} records observations {obs_space} and actions {act_space}; its env "
                         f"{env.spec.id} has {env.observation_space}, {env.action_space}")
-    if not isinstance(act_space, gym.spaces.Box):
-        raise SMACError(f"the Minari dataset {name} has {act_space} actions; SMAC acts in a Box")
-    observations = [e.observations if isinstance(e.observations, np.ndarray) else np.stack([  # a dict per step, flat
-        gym.spaces.flatten(obs_space, o) for o in gym.vector.utils.iterate(gym.vector.utils.batch_space(
-            obs_space, len(e.actions) + 1), e.observations)]) for e in episodes]  # as FlattenObservation online
+    if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Dict)) or not isinstance(act_space, gym.spaces.Box):
+        raise SMACError(f"the Minari dataset {name} has {obs_space} observations and {act_space} actions; SMAC reads "
+                        "Box observations (or dictionaries of them) and Box actions")
+    space = env.observation_space  # a dict per step flattened in the env's key order, as FlattenObservation online
+    observations = [e.observations if isinstance(space, gym.spaces.Box) else np.stack([gym.spaces.flatten(space, o)
+                    for o in gym.vector.utils.iterate(gym.vector.utils.batch_space(space, len(e.actions) + 1),
+                                                      e.observations)]) for e in episodes]
     parts = {"observations": [o[:-1] for o in observations], "actions": [e.actions for e in episodes],
              "rewards": [e.rewards for e in episodes], "next_observations": [o[1:] for o in observations],
              "terminals": [e.terminations for e in episodes], "timeouts": [e.truncations for e in episodes]}
-    if all("success" in (e.infos or {}) for e in episodes):
-        parts["success"] = [e.infos["success"][-len(e.actions):] for e in episodes]  # steps' (and reset's) infos
+    if all("success" in (e.infos or {}) for e in episodes):  # the steps' infos, the reset's first or not
+        success = [(np.ravel(e.infos["success"]), len(e.actions)) for e in episodes]
+        if not all(len(s) - t in (0, 1) and np.isin(s, (0, 1)).all() for s, t in success):
+            raise SMACError(f"the Minari dataset {name}'s infos['success'] must be True or False at each step")
+        parts["success"] = [s[-t:] for s, t in success]
     task = {"name": name, "env_spec": env.spec.to_json(), "ref_scores": refs}
     return {k: np.concatenate(v) if episodes else np.zeros((0,)) for k, v in parts.items()}, task
 
@@ -514,13 +520,16 @@ def load_dataset(name: str, path: str | None, binary_reward: bool = False) -> di
     data, task = read_d4rl_file(name, path) if name in D4RL_NAMES else read_minari(name)
     where, success, task["binary_reward"] = path or name, data.pop("success", None), binary_reward
     if binary_reward and success is None:
-        raise SMACError(f"--binary-reward needs the env's success at every step (infos['success']): {where} has none")
+        raise SMACError(f"--binary-reward needs the env's success at every step of every episode (Minari's "
+                        f"infos['success']): {where} lacks it")
     data["rewards"] = success if binary_reward else data["rewards"]  # r = 1 where the step succeeded, else 0
     if len(lengths := {len(v) for v in data.values()}) != 1:
         raise SMACError(f"{where}: the keys have different lengths {sorted(lengths)}")
     if lengths == {0}:
         raise SMACError(f"{where} holds no transitions")
     env, _ = make_env(task, 0.0, 1.0), normalized_score(task, 0.0)  # the env and its references work
+    if binary_reward and env.reset(seed=0) and step_success(env.step(env.action_space.sample())[-1]) is None:
+        raise SMACError(f"--binary-reward needs an env that reports success online; {env.spec.id} reports none")
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     for key, dim in (("observations", obs_dim), ("next_observations", obs_dim), ("actions", act_dim)):
         if data[key].ndim != 2 or data[key].shape[1] != dim:
@@ -552,9 +561,10 @@ def make_env(task: dict, obs_mean: np.ndarray, obs_std: np.ndarray) -> gym.Env:
 
 
 def step_success(info: dict) -> bool | None:
-    """The env's success at a step: Adroit's info["success"], the kitchen's every task done; None: the env has none."""
-    return (bool(info["success"]) if "success" in info else
-            not info["tasks_to_complete"] if "tasks_to_complete" in info else None)
+    """The env's success at a step: Adroit's info["success"], the kitchen's every task done (its tasks to complete
+    removed or not); None: the env has none."""
+    return (bool(info["success"]) if "success" in info else set(info["tasks_to_complete"]) <= set(
+        info["episode_task_completions"]) if "tasks_to_complete" in info else None)
 
 
 def fix_robotics_joint_types() -> None:

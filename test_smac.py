@@ -461,7 +461,8 @@ def record_minari(name, env_id, episodes=6, steps=60, refs=(-100.0, 900.0), succ
         while not any(ends[-1]):
             actions.append(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))
             obs.append((step := env.step(actions[-1]))[0]), rewards.append(step[1]), ends.append(step[2:4])
-        infos = {} if successes is None else {"infos": {"success": successes(i, len(obs))}}
+        flags = successes and successes(i, len(obs))  # None: the episode's infos hold no success
+        infos = {} if flags is None else {"infos": {"success": flags}}
         space = env.observation_space  # dictionary observations (kitchen) stacked per key, as minari stores them
         obs = smac.gym.vector.utils.concatenate(space, obs, smac.gym.vector.utils.create_empty_array(space, len(obs)))
         buffers.append(EpisodeBuffer(id=i, observations=obs, actions=np.array(actions), rewards=rewards, **infos,
@@ -524,6 +525,10 @@ def test_the_binary_reward_follows_the_recorded_success_offline_and_online_and_r
     env.unwrapped.data.qpos[env.unwrapped.door_hinge_addrs] = 1.5  # the door opened: a success
     assert smac.step_success(env.step(np.zeros(env.action_space.shape, np.float32))[-1]) is True
     assert smac.step_success({"success": np.False_}) is False and smac.step_success({}) is None  # no signal
+    kitchen = [dict(tasks_to_complete=[], episode_task_completions=["kettle"]),  # tasks removed when done, or kept:
+               dict(tasks_to_complete=["kettle"], episode_task_completions=["kettle"]),
+               dict(tasks_to_complete=["kettle", "microwave"], episode_task_completions=["kettle"])]
+    assert [smac.step_success(info) for info in kitchen] == [True, True, False]
     added, add = [], smac.ReplayBuffer.add
     monkeypatch.setattr(smac.ReplayBuffer, "add", lambda self, **t: added.extend(t["rewards"]) or add(self, **t))
     for (summary,), episodes, evals in fine_tune_both(tmp_path, path):  # a random policy never opens the door
@@ -532,6 +537,16 @@ def test_the_binary_reward_follows_the_recorded_success_offline_and_online_and_r
         assert float(episodes[0]["return"]) < 0  # the env's dense return is scored, the 0/1 reward learned from
     assert set(added) == {0.0} and len(added) == 2 * 60
     assert smac.transfer_metrics([(0, 1.0)], [5.0] * 4, 10, 0, [True, False, True, True])["regret"] == 0.25
+
+@pytest.mark.parametrize("env_id, successes, message", [
+    ("Hopper-v4", lambda i, n: np.zeros(n, bool), "--binary-reward needs an env that reports success online; Hopper"),
+    ("AdroitHandDoor-v1", lambda i, n: np.full(n, 2), r"infos\['success'\] must be True or False at each step"),
+    ("AdroitHandDoor-v1", lambda i, n: np.zeros(n - 2, bool), r"infos\['success'\] must be True or False at each"),
+    ("AdroitHandDoor-v1", lambda i, n: None if i else np.zeros(n, bool), "success at every step of every episode")])
+def test_a_binary_reward_the_data_or_env_cannot_give_is_one_clear_error(tmp_path, robotics, env_id, successes, message):
+    record_minari("test/success/bad-v0", env_id, 2, 5, successes=successes)
+    with pytest.raises(smac.SMACError, match=message):
+        smac.load_dataset("test/success/bad-v0", None, binary_reward=True)
 
 def test_kitchen_dictionary_observations_read_as_online_and_a_dataset_unlike_its_env_is_refused(tmp_path, robotics):
     name, tasks = "D4RL/kitchen/partial-v2", ["microwave", "kettle", "light switch", "slide cabinet"]  # partial's
