@@ -528,8 +528,10 @@ def load_dataset(name: str, path: str | None, binary_reward: bool = False) -> di
     if lengths == {0}:
         raise SMACError(f"{where} holds no transitions")
     env, _ = make_env(task, 0.0, 1.0), normalized_score(task, 0.0)  # the env and its references work
-    if binary_reward and env.reset(seed=0) and step_success(env.step(env.action_space.sample())[-1]) is None:
-        raise SMACError(f"--binary-reward needs an env that reports success online; {env.spec.id} reports none")
+    if binary_reward:  # online, the fine-tuners take the reward from the env's success
+        env.reset(seed=0)
+        if step_success(env.step(env.action_space.sample())[-1]) is None:
+            raise SMACError(f"--binary-reward needs an env that reports success online; {env.spec.id} reports none")
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     for key, dim in (("observations", obs_dim), ("next_observations", obs_dim), ("actions", act_dim)):
         if data[key].ndim != 2 or data[key].shape[1] != dim:
@@ -561,10 +563,12 @@ def make_env(task: dict, obs_mean: np.ndarray, obs_std: np.ndarray) -> gym.Env:
 
 
 def step_success(info: dict) -> bool | None:
-    """The env's success at a step: Adroit's info["success"], the kitchen's every task done (its tasks to complete
-    removed or not); None: the env has none."""
-    return (bool(info["success"]) if "success" in info else set(info["tasks_to_complete"]) <= set(
-        info["episode_task_completions"]) if "tasks_to_complete" in info else None)
+    """The env's success at a step; None: the env reports none (locomotion)."""
+    if "success" in info:  # Adroit
+        return bool(info["success"])
+    if "tasks_to_complete" in info:  # the kitchen: all its tasks done (done ones leave the list, or stay in it)
+        return set(info["tasks_to_complete"]) <= set(info["episode_task_completions"])
+    return None
 
 
 def fix_robotics_joint_types() -> None:
