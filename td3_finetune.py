@@ -57,7 +57,7 @@ def train(args: Args) -> dict:
                 action = actor.act(torch.as_tensor(obs, device=device)[None], deterministic=True)[0]
                 action = (action + args.exploration_noise * torch.randn_like(action)).clamp(-1, 1).cpu().numpy()
             next_obs, reward, terminated, truncated, info = env.step(action)
-            if task.get("binary_reward"):  # --binary-reward offline: r = 1 at a step the env reports success, else 0
+            if task.get("binary_reward"):  # trained with --binary-reward: r = 1 where the env reports success, else 0
                 reward = float(bool(smac.step_success(info)))
             # a time-limit end (truncated) is not a terminal state: its target still bootstraps
             rb.add(observations=obs[None], actions=action[None], rewards=[reward], next_observations=next_obs[None],
