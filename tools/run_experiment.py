@@ -12,13 +12,14 @@ Cal-QL, IQL, SPOT, through tools/peers/run_peer.py) is one run, offline then its
 finishes, its result.json (curve and metrics, a few kB) goes to results/<name>/finished/ (committed). A repeated
 command skips the runs that have one, so an interrupted sweep (Ctrl-C, SIGTERM: its runs are stopped) resumes, also
 on a fresh clone (an offline run whose checkpoint is gone is made again, bitwise, when one of its online runs still
-has to run). results/<name>/ gets sweep.json (the settings every run of it is made with: a command with other
-settings is refused), summary.csv, table.md and one plot per task and fine-tuner; a command that would drop a run
-from them is refused. After each offline run, tools/offline_rest.py continues it offline for --rest-updates (issue
-31: how much of an online drop the offline learner makes alone); its summary (finished/*/rest/result.json, with the
-rest_updates it was made with: not a sweep setting, as it changes no online run) fills the offline_* columns of the
-online rows. One sweep per name at a time (a lock in --run-root). Engines: local threads, each running one
-run's process (--workers), or Slurm through submitit (--engine slurm) with the same command line.
+has to run; an interrupted Cal-QL run continues from its latest checkpoint up to the hand-over). results/<name>/ gets
+sweep.json (the settings every run of it is made with: a command with other settings is refused), summary.csv,
+table.md and one plot per task and fine-tuner; a command that would drop a run from them is refused. After each
+offline run, tools/offline_rest.py continues it offline for --rest-updates (issue 31: how much of an online drop the
+offline learner makes alone); its summary (finished/*/rest/result.json, with the rest_updates it was made with: not a
+sweep setting, as it changes no online run) fills the offline_* columns of the online rows. One sweep per name at a
+time (a lock in --run-root). Engines: local threads, each running one run's process (--workers), or Slurm through
+submitit (--engine slurm) with the same command line.
 """
 
 import csv
@@ -246,9 +247,12 @@ def plan(args: Args):
                         "--seed", str(seed), "--offline-updates", str(args.offline_updates), "--online-steps",
                         str(args.online_steps), "--eval-freq", str(args.online_eval_freq), "--eval-episodes",
                         str(args.eval_episodes)]
-                key = dict(dataset=label, env=env, method=peer, seed=seed, finetuner="own")
+                key, where = dict(dataset=label, env=env, method=peer, seed=seed, finetuner="own"), locate(
+                    args, label, peer, f"seed{seed}", "peer")
+                if peer == "calql":  # hours long: its checkpoints outlive the run folder, which a rerun starts afresh
+                    argv += ["--resume-dir", where["dir"] + "-resume"]
                 jobs.append(dict(kind="peer", script=PEER_SCRIPT, argv=argv, key=key, threads=args.threads_per_run,
-                                 **locate(args, label, peer, f"seed{seed}", "peer")))
+                                 **where))
     return jobs
 
 

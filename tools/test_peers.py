@@ -20,15 +20,19 @@ from test_smac import write_hdf5  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:.*is out of date")
 
 # What CORL's algorithms/finetune/iql.py and cal_ql.py call, in the same order, with a made-up learner whose
-# evaluation scores are known: offline 10, 20, ...; online the hand-over score minus 5 per evaluation, then up.
+# evaluation scores are known: offline 10, 20, ...; online the hand-over score minus 5 per evaluation, then up. Its
+# trainer has Cal-QL's checkpoint calls, the swap of the temperature module in load_state_dict included.
 STAND_IN = textwrap.dedent('''
     import argparse
     import json
+    import os
+    import uuid
     from dataclasses import dataclass
 
     import d4rl
     import gym
     import numpy as np
+    import torch
     import wandb
 
     @dataclass
@@ -37,42 +41,86 @@ STAND_IN = textwrap.dedent('''
         tau: float = 0.005
         iql_deterministic: bool = False
 
-    parser = argparse.ArgumentParser()  # CORL parses these with pyrallis
-    for flag in ("env", "device"):
-        parser.add_argument(f"--{flag}")
-    for flag in ("seed", "offline_iterations", "online_iterations", "eval_freq", "n_episodes"):
-        parser.add_argument(f"--{flag}", type=int)
-    config, from_dataset_config = parser.parse_known_args()
-    json.dump(from_dataset_config, open("received_flags.json", "w"))
-    env, eval_env = gym.make(config.env), gym.make(config.env)
-    max_steps = env._max_episode_steps
-    dataset = d4rl.qlearning_dataset(env)
-    mean, std = dataset["observations"].mean(0), dataset["observations"].std(0) + 1e-3
-    env = gym.wrappers.TransformObservation(env, lambda s: (s - mean) / std)
-    env = gym.wrappers.TransformReward(env, lambda r: r)
-    eval_env = gym.wrappers.TransformObservation(eval_env, lambda s: (s - mean) / std)
-    env.seed(config.seed)
-    eval_env.seed(0)
-    wandb.init(config=vars(config), project="CORL", group="stand-in", name="stand-in", id="x")
-    wandb.run.save()
-    state, done, episode_return, episode_step, evals = env.reset(), False, 0.0, 0, 0
-    assert state.shape == env.observation_space.shape and abs(float(state.mean())) < 10
-    for t in range(config.offline_iterations + config.online_iterations):
-        online_log = {}
-        if t >= config.offline_iterations:
-            episode_step += 1
-            state, reward, done, info = env.step(np.zeros(env.action_space.shape))
-            episode_return += reward
-            if done:
-                online_log["train/d4rl_normalized_episode_return"] = 100 * eval_env.get_normalized_score(
-                    episode_return)
-                state, done, episode_return, episode_step = env.reset(), False, 0.0, 0
-        wandb.log({"loss": 1.0, **online_log}, step=t + 1)
-        if (t + 1) % config.eval_freq == 0:
-            evals += 1
-            offline_evals = config.offline_iterations // config.eval_freq
-            score = 10.0 * evals if evals <= offline_evals else 10.0 * offline_evals - 5.0 * (evals - offline_evals)
-            wandb.log({"eval/d4rl_normalized_score": score}, step=t + 1)
+    class Scalar(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = torch.nn.Parameter(torch.tensor(value))
+
+        def forward(self):
+            return self.value
+
+    class CalQL:
+        def __init__(self):
+            self.log_alpha, self.log_alpha_prime, self.total_it = Scalar(0.0), None, 0
+            self.alpha_optimizer = torch.optim.Adam(self.log_alpha.parameters(), lr=1e-3)
+
+        def train(self):
+            self.alpha_optimizer.zero_grad()
+            ((self.log_alpha() - 1.0) ** 2).backward()
+            self.alpha_optimizer.step()
+            self.total_it += 1
+
+        def state_dict(self):
+            return {"sac_log_alpha": self.log_alpha, "sac_log_alpha_optim": self.alpha_optimizer.state_dict(),
+                    "cql_log_alpha": self.log_alpha_prime, "total_it": self.total_it}
+
+        def load_state_dict(self, state_dict):
+            self.log_alpha = state_dict["sac_log_alpha"]
+            self.alpha_optimizer.load_state_dict(state_dict["sac_log_alpha_optim"])
+            self.log_alpha_prime = state_dict["cql_log_alpha"]
+            self.total_it = state_dict["total_it"]
+
+    def train():
+        parser = argparse.ArgumentParser()  # CORL parses these with pyrallis
+        for flag in ("env", "device", "checkpoints_path"):
+            parser.add_argument(f"--{flag}")
+        for flag in ("seed", "offline_iterations", "online_iterations", "eval_freq", "n_episodes"):
+            parser.add_argument(f"--{flag}", type=int)
+        config, from_dataset_config = parser.parse_known_args()
+        json.dump(from_dataset_config, open("received_flags.json", "w"))
+        env, eval_env = gym.make(config.env), gym.make(config.env)
+        max_steps = env._max_episode_steps
+        dataset = d4rl.qlearning_dataset(env)
+        mean, std = dataset["observations"].mean(0), dataset["observations"].std(0) + 1e-3
+        env = gym.wrappers.TransformObservation(env, lambda s: (s - mean) / std)
+        env = gym.wrappers.TransformReward(env, lambda r: r)
+        eval_env = gym.wrappers.TransformObservation(eval_env, lambda s: (s - mean) / std)
+        env.seed(config.seed)
+        eval_env.seed(0)
+        trainer = CalQL()
+        if config.checkpoints_path:  # as CORL's TrainConfig does
+            config.checkpoints_path = os.path.join(config.checkpoints_path, f"stand-in-{uuid.uuid4().hex[:8]}")
+            os.makedirs(config.checkpoints_path)
+        wandb.init(config=vars(config), project="CORL", group="stand-in", name="stand-in", id="x")
+        wandb.run.save()
+        handover_evals = (trainer.total_it + config.offline_iterations) // config.eval_freq
+        state, done, episode_return, episode_step = env.reset(), False, 0.0, 0
+        assert state.shape == env.observation_space.shape and abs(float(state.mean())) < 10
+        for t in range(config.offline_iterations + config.online_iterations):
+            online_log = {}
+            if t >= config.offline_iterations:
+                episode_step += 1
+                state, reward, done, info = env.step(np.zeros(env.action_space.shape))
+                episode_return += reward
+                if done:
+                    online_log["train/d4rl_normalized_episode_return"] = 100 * eval_env.get_normalized_score(
+                        episode_return)
+                    state, done, episode_return, episode_step = env.reset(), False, 0.0, 0
+            trainer.train()
+            if trainer.total_it == int(os.environ.get("STAND_IN_KILLED_AT", -1)):
+                os._exit(9)
+            wandb.log({"loss": 1.0, **online_log}, step=trainer.total_it)
+            if (t + 1) % config.eval_freq == 0:
+                evals = trainer.total_it // config.eval_freq
+                score = (10.0 * evals if evals <= handover_evals
+                         else 10.0 * handover_evals - 5.0 * (evals - handover_evals))
+                wandb.log({"eval/d4rl_normalized_score": score, "eval/log_alpha": trainer.log_alpha().item()},
+                          step=trainer.total_it)
+                if config.checkpoints_path:
+                    torch.save(trainer.state_dict(), os.path.join(config.checkpoints_path, f"checkpoint_{t}.pt"))
+
+    if __name__ == "__main__":
+        train()
 ''')
 
 
@@ -143,6 +191,56 @@ def test_a_peer_run_is_measured_with_smacs_metrics(tmp_path, corl_dir):
     out = subprocess.run([sys.executable, "tools/peers/run_peer.py", "--algo", "iql", "--corl-dir", str(tmp_path),
                           "--dataset-path", str(dataset)], capture_output=True, text=True, cwd=os.path.dirname(TOOLS))
     assert out.returncode != 0 and out.stderr.startswith("error: --corl-dir") and "Traceback" not in out.stderr
+
+
+def test_a_calql_run_cut_short_continues_from_its_checkpoints_as_the_uncut_run(tmp_path, corl_dir, monkeypatch):
+    dataset = write_hdf5(tmp_path / "d.hdf5")
+
+    def run(**kwargs):
+        return run_peer.main(run_peer.Args(algo="calql", corl_dir=str(corl_dir), dataset_path=str(dataset),
+                                           env="hopper-medium-v2", offline_updates=300, online_steps=500, eval_freq=100,
+                                           run_dir=str(tmp_path / "runs"), **kwargs))
+
+    def log(result):
+        with open(os.path.join(result["run_dir"], "corl_log.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    uncut, resume = run(), tmp_path / "resume"
+    for killed_at in (250, 450):  # offline: continues from update 200; online: starts again from the hand-over
+        monkeypatch.setenv("STAND_IN_KILLED_AT", str(killed_at))
+        with pytest.raises(run_peer.smac.SMACError, match="failed"):
+            run(resume_dir=str(resume))
+    monkeypatch.delenv("STAND_IN_KILLED_AT")
+    cut = run(resume_dir=str(resume))
+    assert log(cut) == log(uncut)  # every evaluation and episode, and the temperature still learning after each start
+    assert [e["eval/log_alpha"] for e in log(cut) if "eval/log_alpha" in e][-1] > 0.5
+    assert {k: v for k, v in cut.items() if k not in ("run_dir", "updates_per_second")} == {
+        k: v for k, v in uncut.items() if k not in ("run_dir", "updates_per_second")}
+    assert json.load(open(os.path.join(cut["run_dir"], "peer_config.json")))["continued_at_update"] == [200, 300]
+    assert not resume.exists()
+    with pytest.raises(run_peer.smac.SMACError, match="only Cal-QL"):
+        run_peer.main(run_peer.Args(algo="iql", corl_dir=str(corl_dir), dataset_path=str(dataset),
+                                    resume_dir=str(resume)))
+
+
+def test_a_run_continues_from_its_latest_whole_checkpoint_of_the_same_command(tmp_path):
+    import torch
+
+    folder = tmp_path / "resume"
+    (folder / "from-0" / "a").mkdir(parents=True)
+    for t in (99, 199, 299):
+        torch.save({"total_it": t + 1}, folder / "from-0" / "a" / f"checkpoint_{t}.pt")
+    (folder / "from-0" / "a" / "checkpoint_399.pt").write_bytes(b"PK\x03\x04 cut off while written")
+    (folder / "from-300" / "b").mkdir(parents=True)  # began at the hand-over (300 updates) and was cut online
+    torch.save({}, folder / "from-300" / "b" / "checkpoint_99.pt")
+    assert run_peer.resume_point(str(folder), 300, ["cmd"]) == (300, str(folder / "from-0" / "a" / "checkpoint_299.pt"))
+    assert sorted(os.listdir(folder)) == ["command.json", "from-0"] and os.listdir(folder / "from-0" / "a") == [
+        "checkpoint_299.pt"]
+    assert run_peer.resume_point(str(folder), 250, ["cmd"]) == (0, "")  # none left at or before update 250
+    (folder / "from-0" / "a").mkdir(parents=True)
+    torch.save({}, folder / "from-0" / "a" / "checkpoint_99.pt")
+    assert run_peer.resume_point(str(folder), 300, ["another", "cmd"]) == (0, "")
+    assert os.listdir(folder) == ["command.json"]
 
 
 def test_corls_config_for_the_dataset_name_is_applied_where_it_has_one_and_recorded(tmp_path, corl_dir):

@@ -11,16 +11,21 @@ machine lacks is stood in for by tools/peers/shims/ (put first on its PYTHONPATH
 smac.py's reader, `gym` is the old API over gymnasium's v4 envs, `wandb` writes the evaluations and training episodes to
 a JSON-lines file. From that file this script writes the fine-tuners' metrics.csv and summary.csv, with drop, regret and
 the budget scores from smac.py's own functions: the step-0 score is CORL's evaluation at the end of its offline phase,
-and regret counts its online training episodes.
+and regret counts its online training episodes. A Cal-QL run outlasts a working session here: with --resume-dir it is
+started through tools/peers/resume_corl.py and, run again, continues from CORL's latest checkpoint up to the hand-over.
 Needs: pip install -r tools/requirements-peers.txt (pyrallis).
 """
 
 import ast
+import glob
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -33,6 +38,7 @@ sys.path.insert(0, ROOT)
 import smac  # noqa: E402
 
 SHIMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shims")
+RESUME = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resume_corl.py")
 SCRIPTS = {"calql": "algorithms/finetune/cal_ql.py", "iql": "algorithms/finetune/iql.py",
            "spot": "algorithms/finetune/spot.py"}
 CONFIG_DIRS = {"calql": ("configs/finetune/cal_ql", "configs/offline/cql"),  # Cal-QL's offline phase is CQL's
@@ -70,6 +76,9 @@ class Args:
     """extra flags for CORL's script, e.g. '--cql_alpha_online 5' (after the dataset's config: they win)"""
     dataset_config: bool = True
     """apply CORL's own config file for this dataset name where CORL has one (off: the script's defaults only)"""
+    resume_dir: Optional[str] = None
+    """Cal-QL only: a folder kept between attempts for CORL's checkpoints; the same command run again continues from
+    the latest one up to the hand-over (an online phase cut short starts again); removed when the run ends"""
 
 
 def check(args: Args) -> str:
@@ -86,8 +95,11 @@ def check(args: Args) -> str:
         raise smac.SMACError(f"--eval-freq {args.eval_freq} must divide --offline-updates {args.offline_updates} and "
                              f"--online-steps {args.online_steps} (CORL evaluates every eval_freq iterations; the "
                              "step-0 score is its evaluation at the end of the offline phase)")
-    if os.path.isfile(args.run_dir):
-        raise smac.SMACError(f"--run-dir {args.run_dir} is a file, not a folder")
+    for name, folder in (("--run-dir", args.run_dir), ("--resume-dir", args.resume_dir)):
+        if folder and os.path.isfile(folder):
+            raise smac.SMACError(f"{name} {folder} is a file, not a folder")
+    if args.resume_dir and args.algo != "calql":
+        raise smac.SMACError(f"--resume-dir: only Cal-QL's runs continue from checkpoints, not {args.algo}'s")
     return script
 
 
@@ -109,6 +121,45 @@ def dataset_config(corl_dir: str, algo: str, env: str) -> tuple:
     if not isinstance(config, dict):
         raise smac.SMACError(f"{path}: not a YAML mapping of flags")
     return os.path.relpath(path, corl_dir), {k: v for k, v in config.items() if k in fields - NOT_FROM_CONFIG}
+
+
+def resume_point(folder: str, offline_updates: int, command: list) -> tuple:
+    """(updates done, its file) of the latest complete checkpoint in the attempt folders folder/from-<updates>/ at or
+    before the hand-over ((0, ""): none, or another command's). Later attempts and the other checkpoints are removed; an
+    online phase cut short starts again from the hand-over, as its replay buffer is not in a checkpoint."""
+    record = os.path.join(folder, "command.json")
+    if os.path.isfile(record) and json.load(open(record)) != command:
+        print(f"{folder}: checkpoints of another command, removed", flush=True)
+        shutil.rmtree(folder)
+    os.makedirs(folder, exist_ok=True)
+    with open(record, "w") as f:
+        json.dump(command, f)
+    attempts = attempt_starts(folder)
+    checkpoints = {start + int(path[:-3].rsplit("_", 1)[1]) + 1: path  # CORL names it by the attempt's own iteration
+                   for start, attempt in attempts.items() for path in glob.glob(os.path.join(attempt, "*", "*.pt"))}
+    done = max([u for u, path in checkpoints.items() if u <= offline_updates and zipfile.is_zipfile(path)], default=0)
+    for start, attempt in attempts.items():
+        if start >= done:
+            shutil.rmtree(attempt)
+    for updates, path in checkpoints.items():
+        if updates != done and os.path.isfile(path):
+            os.remove(path)
+    return done, checkpoints.get(done, "")
+
+
+def attempt_starts(folder: str) -> dict:
+    """{updates done when it started: folder} of each attempt at a resumable run."""
+    return {int(path.rsplit("-", 1)[1]): path for path in glob.glob(os.path.join(folder, "from-*"))}
+
+
+def merge_attempts(folder: str, path: str):
+    """Write the attempts' logs as one to path, each up to where the next one took over."""
+    starts = sorted(attempt_starts(folder))
+    with open(path, "w") as out:
+        for start, end in zip(starts, starts[1:] + [math.inf]):
+            with open(os.path.join(folder, f"from-{start}", "corl_log.jsonl")) as f:
+                out.writelines(line for line in f if start < json.loads(line)["step"] <= end)
+    return starts
 
 
 def read_corl_log(path: str, offline_updates: int):
@@ -139,12 +190,21 @@ def main(args: Args) -> dict:
     corl_log = os.path.join(run_dir, "corl_log.jsonl")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config_file, config = dataset_config(args.corl_dir, args.algo, args.env) if args.dataset_config else (None, {})
+    record = {"config_file": config_file, "applied": config, "corl_flags": args.corl_flags}
+    flags = ["--env", args.env, "--seed", str(args.seed), "--online_iterations", str(args.online_steps),
+             "--eval_freq", str(args.eval_freq), "--n_episodes", str(args.eval_episodes), "--device", device,
+             *[f"--{k}={v}" for k, v in config.items()], *args.corl_flags.split()]  # =: a value may be "-inf"
+    command, done = [sys.executable, script, "--offline_iterations", str(args.offline_updates), *flags], 0
+    if args.resume_dir:  # the offline updates left, from the checkpoint that did the rest
+        done, checkpoint = resume_point(args.resume_dir, args.offline_updates, command[1:])
+        attempt = os.path.join(args.resume_dir, f"from-{done}")
+        os.makedirs(attempt)
+        command = [sys.executable, RESUME, script, checkpoint, "--offline_iterations",
+                   str(args.offline_updates - done), *flags, "--checkpoints_path", attempt]
+        corl_log = os.path.join(attempt, "corl_log.jsonl")
+        record["continued_at_update"] = sorted(attempt_starts(args.resume_dir))[1:]
     with open(os.path.join(run_dir, "peer_config.json"), "w") as f:
-        json.dump({"config_file": config_file, "applied": config, "corl_flags": args.corl_flags}, f, indent=1)
-    command = [sys.executable, script, "--env", args.env, "--seed", str(args.seed),
-               "--offline_iterations", str(args.offline_updates), "--online_iterations", str(args.online_steps),
-               "--eval_freq", str(args.eval_freq), "--n_episodes", str(args.eval_episodes), "--device", device,
-               *[f"--{k}={v}" for k, v in config.items()], *args.corl_flags.split()]  # =: a value may be "-inf"
+        json.dump(record, f, indent=1)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SHIMS, ROOT, os.environ.get("PYTHONPATH", "")]),
            "SMAC_PEER_DATASET": os.path.abspath(args.dataset_path), "SMAC_PEER_LOG": corl_log}
     print(f"{run_name}: {' '.join(command)}", flush=True)
@@ -154,6 +214,10 @@ def main(args: Args) -> dict:
     if code != 0:
         raise smac.SMACError(f"CORL's {SCRIPTS[args.algo]} failed (exit {code}); see {run_dir}/log.txt")
     seconds = time.time() - start
+    if args.resume_dir:
+        corl_log = os.path.join(run_dir, "corl_log.jsonl")
+        merge_attempts(args.resume_dir, corl_log)
+        shutil.rmtree(args.resume_dir)
 
     offline, online, episodes = read_corl_log(corl_log, args.offline_updates)
     for episode in episodes:  # as the fine-tuners' episodes.csv: regret can be recomputed from it
@@ -166,7 +230,7 @@ def main(args: Args) -> dict:
                                                                 "updates": step})
     summary = smac.transfer_metrics(online, train_scores, args.drop_window, args.online_steps)  # SMAC's window
     summary.update(online_steps=args.online_steps, offline_score=offline[-1][1],
-                   updates_per_second=(args.offline_updates + args.online_steps) / seconds)
+                   updates_per_second=(args.offline_updates - done + args.online_steps) / seconds)
     smac.append_csv(os.path.join(run_dir, "summary.csv"), summary)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return {"run_dir": run_dir, **summary}
