@@ -54,9 +54,9 @@ STAND_IN = textwrap.dedent('''
             self.log_alpha, self.log_alpha_prime, self.total_it = Scalar(0.0), None, 0
             self.alpha_optimizer = torch.optim.Adam(self.log_alpha.parameters(), lr=1e-3)
 
-        def train(self):
+        def train(self):  # a target drawn from torch's and numpy's generators, as CORL's minibatches and actions are
             self.alpha_optimizer.zero_grad()
-            ((self.log_alpha() - 1.0) ** 2).backward()
+            ((self.log_alpha() - 1.0 - 0.1 * torch.randn(()) - 0.1 * np.random.randn()) ** 2).backward()
             self.alpha_optimizer.step()
             self.total_it += 1
 
@@ -87,6 +87,8 @@ STAND_IN = textwrap.dedent('''
         eval_env = gym.wrappers.TransformObservation(eval_env, lambda s: (s - mean) / std)
         env.seed(config.seed)
         eval_env.seed(0)
+        torch.manual_seed(config.seed)  # CORL's set_seed, before the trainer is built
+        np.random.seed(config.seed)
         trainer = CalQL()
         if config.checkpoints_path:  # as CORL's TrainConfig does
             config.checkpoints_path = os.path.join(config.checkpoints_path, f"stand-in-{uuid.uuid4().hex[:8]}")
@@ -221,26 +223,49 @@ def test_a_calql_run_cut_short_continues_from_its_checkpoints_as_the_uncut_run(t
     with pytest.raises(run_peer.smac.SMACError, match="only Cal-QL"):
         run_peer.main(run_peer.Args(algo="iql", corl_dir=str(corl_dir), dataset_path=str(dataset),
                                     resume_dir=str(resume)))
+    with pytest.raises(run_peer.smac.SMACError, match="not a folder this user can write to"):
+        run(resume_dir=str(dataset / "resume"))
+    with pytest.raises(run_peer.smac.SMACError, match="cannot save a checkpoint"):  # CORL's state_dict would fail
+        run(resume_dir=str(resume), corl_flags="--use_automatic_entropy_tuning False")
 
 
-def test_a_run_continues_from_its_latest_whole_checkpoint_of_the_same_command(tmp_path):
+def test_a_run_continues_from_its_latest_whole_evaluated_checkpoint_of_the_same_command(tmp_path):
     import torch
 
-    folder = tmp_path / "resume"
-    (folder / "from-0" / "a").mkdir(parents=True)
+    def write(attempt, t, whole=True, evaluated=True):
+        os.makedirs(folder / attempt / "a", exist_ok=True)
+        path = folder / attempt / "a" / f"checkpoint_{t}.pt"
+        torch.save({}, path) if whole else path.write_bytes(b"PK\x03\x04 cut off while written")
+        if evaluated:
+            with open(folder / attempt / "corl_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": int(attempt[5:]) + t + 1, "eval/d4rl_normalized_score": 1.0}) + "\n")
+
+    folder, command = tmp_path / "resume", {"flags": ["--seed", "1"]}
+    folder.mkdir()
+    (folder / "command.json").write_text(json.dumps(command))
     for t in (99, 199, 299):
-        torch.save({"total_it": t + 1}, folder / "from-0" / "a" / f"checkpoint_{t}.pt")
-    (folder / "from-0" / "a" / "checkpoint_399.pt").write_bytes(b"PK\x03\x04 cut off while written")
-    (folder / "from-300" / "b").mkdir(parents=True)  # began at the hand-over (300 updates) and was cut online
-    torch.save({}, folder / "from-300" / "b" / "checkpoint_99.pt")
-    assert run_peer.resume_point(str(folder), 300, ["cmd"]) == (300, str(folder / "from-0" / "a" / "checkpoint_299.pt"))
+        write("from-0", t)
+    write("from-0", 399, whole=False)
+    write("from-300", 99)  # began at the hand-over (300 updates) and was cut online
+    assert run_peer.resume_point(str(folder), 300, command) == (300, str(folder / "from-0" / "a" / "checkpoint_299.pt"))
     assert sorted(os.listdir(folder)) == ["command.json", "from-0"] and os.listdir(folder / "from-0" / "a") == [
         "checkpoint_299.pt"]
-    assert run_peer.resume_point(str(folder), 250, ["cmd"]) == (0, "")  # none left at or before update 250
-    (folder / "from-0" / "a").mkdir(parents=True)
-    torch.save({}, folder / "from-0" / "a" / "checkpoint_99.pt")
-    assert run_peer.resume_point(str(folder), 300, ["another", "cmd"]) == (0, "")
+    write("from-300", 99, evaluated=False)  # killed between CORL's checkpoint and the evaluation it logs after it
+    assert run_peer.resume_point(str(folder), 400, command)[0] == 300
+    with open(folder / "from-0" / "corl_log.jsonl", "a") as f:
+        f.write('{"step": 301, "eval/d4')  # a line cut off by a kill
+    assert run_peer.resume_point(str(folder), 250, command) == (0, "")  # none left at or before update 250
     assert os.listdir(folder) == ["command.json"]
+    write("from-0", 99)
+    for other in ({"flags": ["--seed", "2"]}, "not json"):
+        (folder / "command.json").write_text(json.dumps(other) if isinstance(other, dict) else other)
+        with pytest.raises(run_peer.smac.SMACError, match="another command"):
+            run_peer.resume_point(str(folder), 300, command)
+        assert (folder / "from-0" / "a" / "checkpoint_99.pt").is_file()  # refused, nothing removed
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    with pytest.raises(run_peer.smac.SMACError, match="not a resume folder"):
+        run_peer.resume_point(str(tmp_path / "mine"), 300, command)
 
 
 def test_corls_config_for_the_dataset_name_is_applied_where_it_has_one_and_recorded(tmp_path, corl_dir):

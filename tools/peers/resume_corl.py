@@ -7,14 +7,18 @@ from CORL's checkpoints. CORL's own --load_model cannot: torch.load (weights onl
 which pickle the two temperature modules whole, and its load_state_dict swaps those modules for the loaded ones, which
 the temperature optimizers do not hold, so the temperatures would stop learning. This restores the trainer in place
 right after CORL builds it, with CORL's own load_state_dict, and puts the optimizers' temperature modules back holding
-the loaded values. The script itself runs unchanged; the run is always started through here so that its checkpoints
-pickle the same module name.
+the loaded values. Each checkpoint also carries the random generators' states (CORL seeds them once, at its start,
+and draws minibatches and actions from them), restored with the trainer: a continued run goes on with the uncut run's
+draws. The script itself runs unchanged; a run is always started through here, so its checkpoints pickle one module
+name.
 """
 
 import importlib.util
 import os
+import random
 import sys
 
+import numpy as np
 import torch
 
 script, checkpoint, *flags = sys.argv[1:]
@@ -24,17 +28,35 @@ corl = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = corl  # the name the checkpoints pickle the temperature modules under
 spec.loader.exec_module(corl)
 
+save = corl.CalQL.state_dict
+
+
+def state_dict_and_generators(trainer):
+    generators = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "random": random.getstate()}
+    if torch.cuda.is_available():
+        generators["cuda"] = torch.cuda.get_rng_state_all()
+    return {**save(trainer), "generators": generators}
+
+
+corl.CalQL.state_dict = state_dict_and_generators
 if checkpoint:
     build = corl.CalQL.__init__
 
     def build_and_restore(trainer, *args, **kwargs):
         build(trainer, *args, **kwargs)
         held = {name: getattr(trainer, name) for name in ("log_alpha", "log_alpha_prime")}
-        trainer.load_state_dict(torch.load(checkpoint, weights_only=False))  # CORL's file and CORL's loader
+        state = torch.load(checkpoint, weights_only=False)  # CORL's file and CORL's loader
+        trainer.load_state_dict(state)
         for name, module in held.items():
             if module is not None:
                 module.load_state_dict(getattr(trainer, name).state_dict())
                 setattr(trainer, name, module)
+        generators = state["generators"]  # after CORL's set_seed: the draws go on where the checkpoint left them
+        torch.set_rng_state(generators["torch"])
+        np.random.set_state(generators["numpy"])
+        random.setstate(generators["random"])
+        if "cuda" in generators:
+            torch.cuda.set_rng_state_all(generators["cuda"])
 
     corl.CalQL.__init__ = build_and_restore
 corl.train()

@@ -18,9 +18,11 @@ Needs: pip install -r tools/requirements-peers.txt (pyrallis).
 
 import ast
 import glob
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -100,6 +102,12 @@ def check(args: Args) -> str:
             raise smac.SMACError(f"{name} {folder} is a file, not a folder")
     if args.resume_dir and args.algo != "calql":
         raise smac.SMACError(f"--resume-dir: only Cal-QL's runs continue from checkpoints, not {args.algo}'s")
+    for name, folder in (("--run-dir", args.run_dir), ("--resume-dir", args.resume_dir)):
+        parent = os.path.abspath(folder or ".")
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if folder and not (os.path.isdir(parent) and os.access(parent, os.W_OK)):
+            raise smac.SMACError(f"{name} {folder}: {parent} is not a folder this user can write to")
     return script
 
 
@@ -123,28 +131,44 @@ def dataset_config(corl_dir: str, algo: str, env: str) -> tuple:
     return os.path.relpath(path, corl_dir), {k: v for k, v in config.items() if k in fields - NOT_FROM_CONFIG}
 
 
-def resume_point(folder: str, offline_updates: int, command: list) -> tuple:
-    """(updates done, its file) of the latest complete checkpoint in the attempt folders folder/from-<updates>/ at or
-    before the hand-over ((0, ""): none, or another command's). Later attempts and the other checkpoints are removed; an
-    online phase cut short starts again from the hand-over, as its replay buffer is not in a checkpoint."""
+def resume_point(folder: str, offline_updates: int, identity: dict) -> tuple:
+    """(updates done, its file) of the latest whole checkpoint in the attempt folders folder/from-<updates>/ at or
+    before the hand-over whose evaluation is in its attempt's log ((0, ""): none). Later attempts and the other
+    checkpoints are removed: an online phase cut short starts again from the hand-over, as its replay buffer is not in
+    a checkpoint. A folder of another command (identity: CORL's flags, data, script) is refused, never overwritten."""
     record = os.path.join(folder, "command.json")
-    if os.path.isfile(record) and json.load(open(record)) != command:
-        print(f"{folder}: checkpoints of another command, removed", flush=True)
-        shutil.rmtree(folder)
+    if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(record):
+        raise smac.SMACError(f"--resume-dir {folder} is not empty and is not a resume folder (no command.json)")
+    if os.path.isfile(record):
+        try:
+            with open(record) as f:
+                recorded = json.load(f)
+        except ValueError:
+            recorded = None
+        if recorded != identity:
+            raise smac.SMACError(f"--resume-dir {folder} holds the checkpoints of another command, data or CORL "
+                                 f"script (its command.json); remove it to start this run again from update 0")
     os.makedirs(folder, exist_ok=True)
-    with open(record, "w") as f:
-        json.dump(command, f)
-    attempts = attempt_starts(folder)
-    checkpoints = {start + int(path[:-3].rsplit("_", 1)[1]) + 1: path  # CORL names it by the attempt's own iteration
-                   for start, attempt in attempts.items() for path in glob.glob(os.path.join(attempt, "*", "*.pt"))}
-    done = max([u for u, path in checkpoints.items() if u <= offline_updates and zipfile.is_zipfile(path)], default=0)
+    with open(record + ".tmp", "w") as f:
+        json.dump(identity, f)
+    os.replace(record + ".tmp", record)
+    attempts, checkpoints, usable = attempt_starts(folder), [], {}
+    for start, attempt in attempts.items():
+        evaluated = {entry["step"] for entry in log_entries(os.path.join(attempt, "corl_log.jsonl"))
+                     if "eval/d4rl_normalized_score" in entry}  # CORL saves a checkpoint, then logs its evaluation
+        for path in glob.glob(os.path.join(attempt, "*", "*.pt")):
+            updates = start + int(path[:-3].rsplit("_", 1)[1]) + 1  # CORL names it by the attempt's own iteration
+            checkpoints.append(path)
+            if updates <= offline_updates and updates in evaluated and zipfile.is_zipfile(path):
+                usable[updates] = path
+    done = max(usable, default=0)
     for start, attempt in attempts.items():
         if start >= done:
             shutil.rmtree(attempt)
-    for updates, path in checkpoints.items():
-        if updates != done and os.path.isfile(path):
+    for path in checkpoints:
+        if path != usable.get(done) and os.path.isfile(path):
             os.remove(path)
-    return done, checkpoints.get(done, "")
+    return done, usable.get(done, "")
 
 
 def attempt_starts(folder: str) -> dict:
@@ -152,14 +176,32 @@ def attempt_starts(folder: str) -> dict:
     return {int(path.rsplit("-", 1)[1]): path for path in glob.glob(os.path.join(folder, "from-*"))}
 
 
+def log_entries(path: str) -> list:
+    """The entries of a CORL log written by the wandb stand-in; a line cut off by a kill is left out."""
+    entries = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    entries.append(json.loads(line))
+                except ValueError:
+                    pass
+    return entries
+
+
 def merge_attempts(folder: str, path: str):
-    """Write the attempts' logs as one to path, each up to where the next one took over."""
+    """Write the attempts' logs as one to path, each up to where the next one took over, and remove the folder."""
     starts = sorted(attempt_starts(folder))
     with open(path, "w") as out:
         for start, end in zip(starts, starts[1:] + [math.inf]):
-            with open(os.path.join(folder, f"from-{start}", "corl_log.jsonl")) as f:
-                out.writelines(line for line in f if start < json.loads(line)["step"] <= end)
-    return starts
+            out.writelines(json.dumps(entry) + "\n" for entry in log_entries(os.path.join(folder, f"from-{start}",
+                                                                                           "corl_log.jsonl"))
+                           if start < entry["step"] <= end)
+    for start in starts:  # what this script made there, and the folder if nothing else is in it
+        shutil.rmtree(os.path.join(folder, f"from-{start}"))
+    os.remove(os.path.join(folder, "command.json"))
+    if not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def read_corl_log(path: str, offline_updates: int):
@@ -185,7 +227,7 @@ def read_corl_log(path: str, offline_updates: int):
 def main(args: Args) -> dict:
     script = check(args)
     run_name = f"{args.env}__{args.algo}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join(args.run_dir, run_name)
+    run_dir = os.path.abspath(os.path.join(args.run_dir, run_name))  # CORL runs in --corl-dir: its paths are absolute
     os.makedirs(run_dir)
     corl_log = os.path.join(run_dir, "corl_log.jsonl")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -196,7 +238,14 @@ def main(args: Args) -> dict:
              *[f"--{k}={v}" for k, v in config.items()], *args.corl_flags.split()]  # =: a value may be "-inf"
     command, done = [sys.executable, script, "--offline_iterations", str(args.offline_updates), *flags], 0
     if args.resume_dir:  # the offline updates left, from the checkpoint that did the rest
-        done, checkpoint = resume_point(args.resume_dir, args.offline_updates, command[1:])
+        if re.search(r"use_automatic_entropy_tuning[= ](False|false|0)\b", " ".join(flags)):
+            raise smac.SMACError("--resume-dir: CORL's Cal-QL cannot save a checkpoint with "
+                                 "use_automatic_entropy_tuning False")
+        with open(script, "rb") as f:
+            identity = {"flags": command[2:], "dataset": os.path.abspath(args.dataset_path),
+                        "script_sha256": hashlib.sha256(f.read()).hexdigest()}
+        args.resume_dir = os.path.abspath(args.resume_dir)
+        done, checkpoint = resume_point(args.resume_dir, args.offline_updates, identity)
         attempt = os.path.join(args.resume_dir, f"from-{done}")
         os.makedirs(attempt)
         command = [sys.executable, RESUME, script, checkpoint, "--offline_iterations",
@@ -217,7 +266,6 @@ def main(args: Args) -> dict:
     if args.resume_dir:
         corl_log = os.path.join(run_dir, "corl_log.jsonl")
         merge_attempts(args.resume_dir, corl_log)
-        shutil.rmtree(args.resume_dir)
 
     offline, online, episodes = read_corl_log(corl_log, args.offline_updates)
     for episode in episodes:  # as the fine-tuners' episodes.csv: regret can be recomputed from it
