@@ -12,7 +12,7 @@ Cal-QL, IQL, SPOT, through tools/peers/run_peer.py) is one run, offline then its
 finishes, its result.json (curve and metrics, a few kB) goes to results/<name>/finished/ (committed). A repeated
 command skips the runs that have one, so an interrupted sweep (Ctrl-C, SIGTERM: its runs are stopped) resumes, also
 on a fresh clone (an offline run whose checkpoint is gone is made again, bitwise, when one of its online runs still
-has to run; an interrupted Cal-QL run continues from its latest checkpoint up to the hand-over). results/<name>/ gets
+has to run; an interrupted Cal-QL run continues from its latest checkpoint). results/<name>/ gets
 sweep.json (the settings every run of it is made with: a command with other settings is refused), summary.csv,
 table.md and one plot per task and fine-tuner; a command that would drop a run from them is refused. After each
 offline run, tools/offline_rest.py continues it offline for --rest-updates (issue 31: how much of an online drop the

@@ -49,9 +49,22 @@ STAND_IN = textwrap.dedent('''
         def forward(self):
             return self.value
 
+    class ReplayBuffer:  # CORL's fields
+        def __init__(self, state_dim, action_dim, buffer_size):
+            self._buffer_size, self._pointer, self._size = buffer_size, 0, 0
+            self._states, self._next_states = torch.zeros(buffer_size, state_dim), torch.zeros(buffer_size, state_dim)
+            self._actions = torch.zeros(buffer_size, action_dim)
+            self._rewards, self._dones, self._mc_returns = (torch.zeros(buffer_size, 1) for _ in range(3))
+
+        def add_transition(self, state, action, reward, next_state, done):
+            i = self._pointer
+            self._states[i], self._actions[i] = torch.as_tensor(state), torch.as_tensor(action)
+            self._next_states[i], self._rewards[i], self._dones[i] = torch.as_tensor(next_state), reward, done
+            self._pointer, self._size = i + 1, i + 1
+
     class CalQL:
         def __init__(self):
-            self.log_alpha, self.log_alpha_prime, self.total_it = Scalar(0.0), None, 0
+            self.log_alpha, self.log_alpha_prime, self.total_it, self.handover = Scalar(0.0), None, 0, None
             self.alpha_optimizer = torch.optim.Adam(self.log_alpha.parameters(), lr=1e-3)
 
         def train(self):  # a target drawn from torch's and numpy's generators, as CORL's minibatches and actions are
@@ -62,13 +75,13 @@ STAND_IN = textwrap.dedent('''
 
         def state_dict(self):
             return {"sac_log_alpha": self.log_alpha, "sac_log_alpha_optim": self.alpha_optimizer.state_dict(),
-                    "cql_log_alpha": self.log_alpha_prime, "total_it": self.total_it}
+                    "cql_log_alpha": self.log_alpha_prime, "total_it": self.total_it, "handover": self.handover}
 
         def load_state_dict(self, state_dict):
             self.log_alpha = state_dict["sac_log_alpha"]
             self.alpha_optimizer.load_state_dict(state_dict["sac_log_alpha_optim"])
             self.log_alpha_prime = state_dict["cql_log_alpha"]
-            self.total_it = state_dict["total_it"]
+            self.total_it, self.handover = state_dict["total_it"], state_dict["handover"]
 
     def train():
         parser = argparse.ArgumentParser()  # CORL parses these with pyrallis
@@ -87,6 +100,7 @@ STAND_IN = textwrap.dedent('''
         eval_env = gym.wrappers.TransformObservation(eval_env, lambda s: (s - mean) / std)
         env.seed(config.seed)
         eval_env.seed(0)
+        online_buffer = ReplayBuffer(env.observation_space.shape[0], env.action_space.shape[0], 10_000)
         torch.manual_seed(config.seed)  # CORL's set_seed, before the trainer is built
         np.random.seed(config.seed)
         trainer = CalQL()
@@ -95,14 +109,18 @@ STAND_IN = textwrap.dedent('''
             os.makedirs(config.checkpoints_path)
         wandb.init(config=vars(config), project="CORL", group="stand-in", name="stand-in", id="x")
         wandb.run.save()
-        handover_evals = (trainer.total_it + config.offline_iterations) // config.eval_freq
         state, done, episode_return, episode_step = env.reset(), False, 0.0, 0
         assert state.shape == env.observation_space.shape and abs(float(state.mean())) < 10
         for t in range(config.offline_iterations + config.online_iterations):
             online_log = {}
+            if t == config.offline_iterations and trainer.handover is None:  # as CORL's switch_calibration
+                trainer.handover = trainer.total_it
             if t >= config.offline_iterations:
                 episode_step += 1
-                state, reward, done, info = env.step(np.zeros(env.action_space.shape))
+                action = np.zeros(env.action_space.shape)
+                next_state, reward, done, info = env.step(action)
+                online_buffer.add_transition(state, action, reward, next_state, done)
+                state = next_state
                 episode_return += reward
                 if done:
                     online_log["train/d4rl_normalized_episode_return"] = 100 * eval_env.get_normalized_score(
@@ -114,9 +132,11 @@ STAND_IN = textwrap.dedent('''
             wandb.log({"loss": 1.0, **online_log}, step=trainer.total_it)
             if (t + 1) % config.eval_freq == 0:
                 evals = trainer.total_it // config.eval_freq
+                handover_evals = (trainer.handover or 10**9) // config.eval_freq
                 score = (10.0 * evals if evals <= handover_evals
                          else 10.0 * handover_evals - 5.0 * (evals - handover_evals))
-                wandb.log({"eval/d4rl_normalized_score": score, "eval/log_alpha": trainer.log_alpha().item()},
+                wandb.log({"eval/d4rl_normalized_score": score, "eval/log_alpha": trainer.log_alpha().item(),
+                           "eval/online_transitions": online_buffer._size},
                           step=trainer.total_it)
                 if config.checkpoints_path:
                     torch.save(trainer.state_dict(), os.path.join(config.checkpoints_path, f"checkpoint_{t}.pt"))
@@ -208,18 +228,18 @@ def test_a_calql_run_cut_short_continues_from_its_checkpoints_as_the_uncut_run(t
             return [json.loads(line) for line in f]
 
     uncut, resume = run(), tmp_path / "resume"
-    for killed_at in (250, 450):  # offline: continues from update 200; online: starts again from the hand-over
+    for killed_at in (250, 450):  # offline: continues from update 200; online (hand-over at 300): from 400
         monkeypatch.setenv("STAND_IN_KILLED_AT", str(killed_at))
         with pytest.raises(run_peer.smac.SMACError, match="failed"):
             run(resume_dir=str(resume))
     monkeypatch.delenv("STAND_IN_KILLED_AT")
     cut = run(resume_dir=str(resume))
-    assert log(cut) == log(uncut)  # every evaluation and episode, and the temperature still learning after each start
-    assert [e["eval/log_alpha"] for e in log(cut) if "eval/log_alpha" in e][-1] > 0.5
-    assert {k: v for k, v in cut.items() if k not in ("run_dir", "updates_per_second")} == {
-        k: v for k, v in uncut.items() if k not in ("run_dir", "updates_per_second")}
-    assert json.load(open(os.path.join(cut["run_dir"], "peer_config.json")))["continued_at_update"] == [200, 300]
-    assert not resume.exists()
+    assert json.load(open(os.path.join(cut["run_dir"], "peer_config.json")))["continued_at_update"] == [200, 400]
+    assert [e for e in log(cut) if e["step"] <= 400] == [e for e in log(uncut) if e["step"] <= 400]
+    evaluations = [[e for e in log(run) if "eval/log_alpha" in e] for run in (cut, uncut)]
+    assert evaluations[0] == evaluations[1]  # the temperature learning on, the online data kept, after each start
+    assert evaluations[0][-1]["eval/log_alpha"] > 0.5 and evaluations[0][-1]["eval/online_transitions"] == 500
+    assert not resume.exists() and cut["offline_score"] == uncut["offline_score"] and cut["train_episodes"] > 0
     with pytest.raises(run_peer.smac.SMACError, match="only Cal-QL"):
         run_peer.main(run_peer.Args(algo="iql", corl_dir=str(corl_dir), dataset_path=str(dataset),
                                     resume_dir=str(resume)))
@@ -247,25 +267,26 @@ def test_a_run_continues_from_its_latest_whole_evaluated_checkpoint_of_the_same_
         write("from-0", t)
     write("from-0", 399, whole=False)
     write("from-300", 99)  # began at the hand-over (300 updates) and was cut online
-    assert run_peer.resume_point(str(folder), 300, command) == (300, str(folder / "from-0" / "a" / "checkpoint_299.pt"))
-    assert sorted(os.listdir(folder)) == ["command.json", "from-0"] and os.listdir(folder / "from-0" / "a") == [
-        "checkpoint_299.pt"]
-    write("from-300", 99, evaluated=False)  # killed between CORL's checkpoint and the evaluation it logs after it
-    assert run_peer.resume_point(str(folder), 400, command)[0] == 300
-    with open(folder / "from-0" / "corl_log.jsonl", "a") as f:
-        f.write('{"step": 301, "eval/d4')  # a line cut off by a kill
-    assert run_peer.resume_point(str(folder), 250, command) == (0, "")  # none left at or before update 250
+    assert run_peer.resume_point(str(folder), command) == (400, str(folder / "from-300" / "a" / "checkpoint_99.pt"))
+    assert sorted(os.listdir(folder)) == ["command.json", "from-0", "from-300"] and not os.listdir(
+        folder / "from-0" / "a")
+    write("from-400", 99, evaluated=False)  # killed between CORL's checkpoint and the evaluation it logs after it
+    assert run_peer.resume_point(str(folder), command)[0] == 400 and not (folder / "from-400").exists()
+    write("from-300", 99, whole=False)
+    with open(folder / "from-300" / "corl_log.jsonl", "a") as f:
+        f.write('{"step": 401, "eval/d4')  # a line cut off by a kill
+    assert run_peer.resume_point(str(folder), command) == (0, "")
     assert os.listdir(folder) == ["command.json"]
     write("from-0", 99)
     for other in ({"flags": ["--seed", "2"]}, "not json"):
         (folder / "command.json").write_text(json.dumps(other) if isinstance(other, dict) else other)
         with pytest.raises(run_peer.smac.SMACError, match="another command"):
-            run_peer.resume_point(str(folder), 300, command)
+            run_peer.resume_point(str(folder), command)
         assert (folder / "from-0" / "a" / "checkpoint_99.pt").is_file()  # refused, nothing removed
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("kept")
     with pytest.raises(run_peer.smac.SMACError, match="not a resume folder"):
-        run_peer.resume_point(str(tmp_path / "mine"), 300, command)
+        run_peer.resume_point(str(tmp_path / "mine"), command)
 
 
 def test_corls_config_for_the_dataset_name_is_applied_where_it_has_one_and_recorded(tmp_path, corl_dir):

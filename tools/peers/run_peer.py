@@ -12,7 +12,7 @@ smac.py's reader, `gym` is the old API over gymnasium's v4 envs, `wandb` writes 
 a JSON-lines file. From that file this script writes the fine-tuners' metrics.csv and summary.csv, with drop, regret and
 the budget scores from smac.py's own functions: the step-0 score is CORL's evaluation at the end of its offline phase,
 and regret counts its online training episodes. A Cal-QL run outlasts a working session here: with --resume-dir it is
-started through tools/peers/resume_corl.py and, run again, continues from CORL's latest checkpoint up to the hand-over.
+started through tools/peers/resume_corl.py and, run again, continues from its latest checkpoint.
 Needs: pip install -r tools/requirements-peers.txt (pyrallis).
 """
 
@@ -80,7 +80,7 @@ class Args:
     """apply CORL's own config file for this dataset name where CORL has one (off: the script's defaults only)"""
     resume_dir: Optional[str] = None
     """Cal-QL only: a folder kept between attempts for CORL's checkpoints; the same command run again continues from
-    the latest one up to the hand-over (an online phase cut short starts again); removed when the run ends"""
+    the latest one (online: with the transitions so far, in a new episode); removed when the run ends"""
 
 
 def check(args: Args) -> str:
@@ -131,11 +131,10 @@ def dataset_config(corl_dir: str, algo: str, env: str) -> tuple:
     return os.path.relpath(path, corl_dir), {k: v for k, v in config.items() if k in fields - NOT_FROM_CONFIG}
 
 
-def resume_point(folder: str, offline_updates: int, identity: dict) -> tuple:
-    """(updates done, its file) of the latest whole checkpoint in the attempt folders folder/from-<updates>/ at or
-    before the hand-over whose evaluation is in its attempt's log ((0, ""): none). Later attempts and the other
-    checkpoints are removed: an online phase cut short starts again from the hand-over, as its replay buffer is not in
-    a checkpoint. A folder of another command (identity: CORL's flags, data, script) is refused, never overwritten."""
+def resume_point(folder: str, identity: dict) -> tuple:
+    """(updates done, its file) of the latest whole checkpoint in the attempt folders folder/from-<updates>/ whose
+    evaluation is in its attempt's log ((0, ""): none). Later attempts and the other checkpoints are removed. A folder
+    of another command (identity: CORL's flags, data, script) is refused, never overwritten."""
     record = os.path.join(folder, "command.json")
     if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(record):
         raise smac.SMACError(f"--resume-dir {folder} is not empty and is not a resume folder (no command.json)")
@@ -159,7 +158,7 @@ def resume_point(folder: str, offline_updates: int, identity: dict) -> tuple:
         for path in glob.glob(os.path.join(attempt, "*", "*.pt")):
             updates = start + int(path[:-3].rsplit("_", 1)[1]) + 1  # CORL names it by the attempt's own iteration
             checkpoints.append(path)
-            if updates <= offline_updates and updates in evaluated and zipfile.is_zipfile(path):
+            if updates in evaluated and zipfile.is_zipfile(path):
                 usable[updates] = path
     done = max(usable, default=0)
     for start, attempt in attempts.items():
@@ -233,23 +232,27 @@ def main(args: Args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config_file, config = dataset_config(args.corl_dir, args.algo, args.env) if args.dataset_config else (None, {})
     record = {"config_file": config_file, "applied": config, "corl_flags": args.corl_flags}
-    flags = ["--env", args.env, "--seed", str(args.seed), "--online_iterations", str(args.online_steps),
-             "--eval_freq", str(args.eval_freq), "--n_episodes", str(args.eval_episodes), "--device", device,
-             *[f"--{k}={v}" for k, v in config.items()], *args.corl_flags.split()]  # =: a value may be "-inf"
-    command, done = [sys.executable, script, "--offline_iterations", str(args.offline_updates), *flags], 0
-    if args.resume_dir:  # the offline updates left, from the checkpoint that did the rest
-        if re.search(r"use_automatic_entropy_tuning[= ](False|false|0)\b", " ".join(flags)):
+
+    def flags(offline_iterations: int, online_iterations: int) -> list:
+        return ["--offline_iterations", str(offline_iterations), "--env", args.env, "--seed", str(args.seed),
+                "--online_iterations", str(online_iterations), "--eval_freq", str(args.eval_freq), "--n_episodes",
+                str(args.eval_episodes), "--device", device, *[f"--{k}={v}" for k, v in config.items()],
+                *args.corl_flags.split()]  # =: a value may be "-inf"
+
+    command, done = [sys.executable, script, *flags(args.offline_updates, args.online_steps)], 0
+    if args.resume_dir:  # the iterations left, from the checkpoint that did the rest
+        if re.search(r"use_automatic_entropy_tuning[= ](False|false|0)\b", " ".join(command)):
             raise smac.SMACError("--resume-dir: CORL's Cal-QL cannot save a checkpoint with "
                                  "use_automatic_entropy_tuning False")
         with open(script, "rb") as f:
             identity = {"flags": command[2:], "dataset": os.path.abspath(args.dataset_path),
                         "script_sha256": hashlib.sha256(f.read()).hexdigest()}
         args.resume_dir = os.path.abspath(args.resume_dir)
-        done, checkpoint = resume_point(args.resume_dir, args.offline_updates, identity)
+        done, checkpoint = resume_point(args.resume_dir, identity)
         attempt = os.path.join(args.resume_dir, f"from-{done}")
         os.makedirs(attempt)
-        command = [sys.executable, RESUME, script, checkpoint, "--offline_iterations",
-                   str(args.offline_updates - done), *flags, "--checkpoints_path", attempt]
+        left = flags(max(0, args.offline_updates - done), args.online_steps - max(0, done - args.offline_updates))
+        command = [sys.executable, RESUME, script, checkpoint, *left, "--checkpoints_path", attempt]
         corl_log = os.path.join(attempt, "corl_log.jsonl")
         record["continued_at_update"] = sorted(attempt_starts(args.resume_dir))[1:]
     with open(os.path.join(run_dir, "peer_config.json"), "w") as f:
@@ -278,7 +281,7 @@ def main(args: Args) -> dict:
                                                                 "updates": step})
     summary = smac.transfer_metrics(online, train_scores, args.drop_window, args.online_steps)  # SMAC's window
     summary.update(online_steps=args.online_steps, offline_score=offline[-1][1],
-                   updates_per_second=(args.offline_updates - done + args.online_steps) / seconds)
+                   updates_per_second=(args.offline_updates + args.online_steps - done) / seconds)
     smac.append_csv(os.path.join(run_dir, "summary.csv"), summary)
     print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return {"run_dir": run_dir, **summary}
