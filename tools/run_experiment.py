@@ -299,11 +299,13 @@ def make_executor(args: Args):
 
 
 def run_sweep(args: Args) -> List[str]:
-    """Runs every unfinished job (online jobs as soon as their checkpoint exists); returns the failures."""
-    executor, pending, failures = make_executor(args), [], []
+    """Runs every unfinished job, a checkpoint's followers (online runs, rest) before the jobs still waiting, so a
+    task's results come in while later tasks' long runs wait; returns the failures."""
+    executor, pending, waiting, failures = make_executor(args), [], [], []
+    capacity = args.workers if args.engine == "local" else math.inf  # a cluster takes every job at once
     STOP.clear()
 
-    def schedule(job):
+    def schedule(job, first=False):
         result = read_result(job)
         if result is not None and job["kind"] == "offline" and not os.path.isfile(result["checkpoint"]) and any(
                 read_result(j) is None for j in followers(job, result["checkpoint"], args)):
@@ -313,17 +315,23 @@ def run_sweep(args: Args) -> List[str]:
             print(f"done already: {job['dir']}" + (f" (made with --rest-updates {result['rest_updates']})"
                                                      if job["kind"] == "rest" else ""))
             return finished(job, result)
-        print(f"start: {job['dir']}", flush=True)
-        pending.append((executor.submit(run_job, job), job))
+        waiting.insert(0, job) if first else waiting.append(job)
 
     def finished(job, result):
         if job["kind"] == "offline":
-            for follower in followers(job, result["checkpoint"], args):
-                schedule(follower)
+            for follower in reversed(followers(job, result["checkpoint"], args)):
+                schedule(follower, first=True)
+
+    def start_waiting():
+        while waiting and len(pending) < capacity:
+            job = waiting.pop(0)
+            print(f"start: {job['dir']}", flush=True)
+            pending.append((executor.submit(run_job, job), job))
 
     try:
         for job in plan(args):
             schedule(job)
+        start_waiting()
         while pending:
             time.sleep(0.5)
             for future, job in [p for p in pending if p[0].done()]:
@@ -337,6 +345,7 @@ def run_sweep(args: Args) -> List[str]:
                 print(f"finished: {job['dir']}", flush=True)
                 finished(job, result)
                 collect(args)
+            start_waiting()
     except BaseException:  # a signal (Interrupted) or a bug: no run may go on without the sweep
         stop_runs(pending)
         raise

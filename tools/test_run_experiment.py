@@ -298,6 +298,17 @@ def test_a_rest_job_follows_each_offline_run_not_the_peers_and_fills_its_rows(tm
     assert {r["offline_continuation_drop"] for r in read_rows(tmp_path / "results" / "norest" / "summary.csv")} == {""}
 
 
+def test_a_checkpoints_followers_run_before_the_jobs_still_waiting(tmp_path, capsys, monkeypatch):
+    started = fake_jobs(monkeypatch)  # one worker: the order is the schedule's
+    (tmp_path / "d.hdf5").write_text("")
+    flags = dict(tasks=[f"hopper-medium-v2:{tmp_path / 'd.hdf5'}"], peers=["iql"], corl_dir=tmp_path,
+                 offline_updates=1200, finetuners=["sac", "td3"])
+    assert run_cli(capsys, fake_flags(tmp_path, **flags))[0] == 0
+    assert [(j["kind"], j["key"]["seed"]) for j in started] == [
+        ("offline", 1), ("online", 1), ("online", 1), ("rest", 1), ("peer", 1),
+        ("offline", 2), ("online", 2), ("online", 2), ("rest", 2), ("peer", 2)]
+
+
 @pytest.mark.parametrize("curve, budget, score", [
     ([[0, 1.0], [9000, 2.0], [12000, 3.0], [30000, 4.0]], 10_000, 2.0),  # the last evaluation at or before it
     ([[0, 1.0], [9000, 2.0], [12000, 3.0], [30000, 4.0]], 30_000, 4.0),
