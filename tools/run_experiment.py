@@ -301,7 +301,8 @@ def make_executor(args: Args):
 def run_sweep(args: Args) -> List[str]:
     """Runs every unfinished job, a checkpoint's followers (online runs, rest) before the jobs still waiting, so a
     task's results come in while later tasks' long runs wait; returns the failures."""
-    executor, pending, waiting, failures = make_executor(args), [], [], []
+    executor, pending, failures = make_executor(args), [], []
+    waiting = {"followers": [], "plan": []}  # each in its order; the followers first
     capacity = args.workers if args.engine == "local" else math.inf  # a cluster takes every job at once
     STOP.clear()
 
@@ -315,16 +316,16 @@ def run_sweep(args: Args) -> List[str]:
             print(f"done already: {job['dir']}" + (f" (made with --rest-updates {result['rest_updates']})"
                                                      if job["kind"] == "rest" else ""))
             return finished(job, result)
-        waiting.insert(0, job) if first else waiting.append(job)
+        waiting["followers" if first else "plan"].append(job)
 
     def finished(job, result):
         if job["kind"] == "offline":
-            for follower in reversed(followers(job, result["checkpoint"], args)):
+            for follower in followers(job, result["checkpoint"], args):
                 schedule(follower, first=True)
 
     def start_waiting():
-        while waiting and len(pending) < capacity:
-            job = waiting.pop(0)
+        while (queue := waiting["followers"] or waiting["plan"]) and len(pending) < capacity:
+            job = queue.pop(0)
             print(f"start: {job['dir']}", flush=True)
             pending.append((executor.submit(run_job, job), job))
 

@@ -307,6 +307,12 @@ def test_a_checkpoints_followers_run_before_the_jobs_still_waiting(tmp_path, cap
     assert [(j["kind"], j["key"]["seed"]) for j in started] == [
         ("offline", 1), ("online", 1), ("online", 1), ("rest", 1), ("peer", 1),
         ("offline", 2), ("online", 2), ("online", 2), ("rest", 2), ("peer", 2)]
+    for seed in (1, 2):  # resumed with both checkpoints made: their followers in the plan's order, then the rest
+        shutil.rmtree(tmp_path / "results" / "fake" / "finished" / "d" / "smac" / f"seed{seed}" / "sac")
+        os.remove(tmp_path / "results" / "fake" / "finished" / "d" / "iql" / f"seed{seed}" / "peer" / "result.json")
+    started.clear()
+    assert run_cli(capsys, fake_flags(tmp_path, **flags))[0] == 0
+    assert [(j["kind"], j["key"]["seed"]) for j in started] == [("online", 1), ("online", 2), ("peer", 1), ("peer", 2)]
 
 
 @pytest.mark.parametrize("curve, budget, score", [
