@@ -97,12 +97,11 @@ def check(args: Args) -> str:
         raise smac.SMACError(f"--eval-freq {args.eval_freq} must divide --offline-updates {args.offline_updates} and "
                              f"--online-steps {args.online_steps} (CORL evaluates every eval_freq iterations; the "
                              "step-0 score is its evaluation at the end of the offline phase)")
-    for name, folder in (("--run-dir", args.run_dir), ("--resume-dir", args.resume_dir)):
-        if folder and os.path.isfile(folder):
-            raise smac.SMACError(f"{name} {folder} is a file, not a folder")
     if args.resume_dir and args.algo != "calql":
         raise smac.SMACError(f"--resume-dir: only Cal-QL's runs continue from checkpoints, not {args.algo}'s")
     for name, folder in (("--run-dir", args.run_dir), ("--resume-dir", args.resume_dir)):
+        if folder and os.path.isfile(folder):
+            raise smac.SMACError(f"{name} {folder} is a file, not a folder")
         parent = os.path.abspath(folder or ".")
         while not os.path.exists(parent):
             parent = os.path.dirname(parent)
