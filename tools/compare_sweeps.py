@@ -4,7 +4,9 @@ issue 12 (SMAC's mean drop, and its regret relative to the baseline's, over all 
 smac-anchor rows, issue 21's (no drop and a climb: SMAC's drop, its score at 30k against smac-anchor's and
 smac-plain's, its regret against every peer's on each dataset); for a sweep with peer rows, SMAC's regret against the
 best peer's per dataset and fine-tuner with Welch's t-test across seeds (issue 35: a "below" the test does not
-support is not a claim).
+support is not a claim); for a sweep with smac-plain rows and offline_rest.py's columns, issue 31's (the offline
+runs at rest; per dataset and fine-tuner the drop of smac-plain or smac within a fixed policy's floor; SMAC's score_30k
+against today's and against smac-plain's).
 
     python tools/compare_sweeps.py results/hopper-smac-15k/summary.csv results/hopper-smac-15k-warmup/summary.csv \
         --labels plain lr-warmup
@@ -78,7 +80,7 @@ def table(args: Args) -> str:
             lines.append(f"| {label} | {tuner} | {cell(('smac', 'drop'), '.2f')} | {cell(('baseline', 'drop'), '.2f')} "
                          f"| {cell(('smac', 'regret'), '.3f')} | {cell(('baseline', 'regret'), '.3f')} | {below} |")
     for label, path in zip(labels, args.summaries):
-        lines += climb_targets(label, read(path)) + peer_tests(label, read(path))
+        lines += climb_targets(label, read(path)) + peer_tests(label, read(path)) + rest_targets(label, read(path))
     return "\n".join(lines)
 
 
@@ -118,6 +120,59 @@ def peer_tests(label: str, rows: list) -> list:
     return lines
 
 
+# Issue 31's bars: a fixed policy's online drop floor per dataset (tools/eval_noise.py), SMAC's score_30k in climb-30k
+DROP_FLOOR = {"hopper": 0.9, "walker2d": 6.0}
+SCORE_30K_TODAY = {"sac": 57.7, "td3": 61.1}
+
+
+def spread(values) -> str:
+    std = f"{values.std(ddof=1):.1f}" if len(values) > 1 else "-"
+    return f"{values.mean():.1f} ± {std} [{values.min():.1f}, {values.max():.1f}]" if len(values) else "-"
+
+
+def rest_targets(label: str, rows: list) -> list:
+    """Issue 31: how many offline runs are at rest (offline_rest.py), per dataset and fine-tuner the mean drop of
+    smac-plain and smac against the dataset's floor, and per fine-tuner SMAC's score_30k (mean over the datasets)
+    against today's and, per dataset, against smac-plain's."""
+    if not any(r["method"] == "smac-plain" for r in rows) or not any(r.get("offline_at_rest") for r in rows):
+        return []
+
+    def values(metric, **match):
+        return np.array([float(r[metric]) for r in rows if all(r[k] == v for k, v in match.items())
+                         and r.get(metric) not in ("", None)])
+
+    datasets, tuners = sorted({r["dataset"] for r in rows}), sorted({r["finetuner"] for r in rows} - {"own"})
+    lines = ["", f"| sweep {label} | dataset | offline runs at rest | continuation drop | spread std |",
+             "|---|---|---|---|---|"]
+    for dataset in datasets:
+        offline = {r["seed"]: r for r in rows if r["dataset"] == dataset and r["method"] == "smac"
+                   and r.get("offline_at_rest")}.values()  # one row per seed: its online runs share one offline run
+        lines.append(f"| {label} | {dataset} | {sum(r['offline_at_rest'] == 'True' for r in offline)} of "
+                     f"{len(offline)} | {spread(np.array([float(r['offline_continuation_drop']) for r in offline]))} | "
+                     f"{spread(np.array([float(r['offline_rest_spread_std']) for r in offline]))} |")
+    lines += ["", f"| sweep {label} | dataset | fine-tuner | smac-plain drop | smac drop | floor | within the floor |",
+              "|---|---|---|---|---|---|---|"]
+    for dataset in datasets:
+        floor = DROP_FLOOR.get(dataset.split("_")[0].split("-")[0])
+        for tuner in tuners:
+            plain, ours = (values("drop", method=m, finetuner=tuner, dataset=dataset) for m in ("smac-plain", "smac"))
+            held = [m for m, v in (("smac-plain", plain), ("smac", ours)) if floor is not None and len(v)
+                    and v.mean() <= floor]
+            lines.append(f"| {label} | {dataset} | {tuner} | {spread(plain)} | {spread(ours)} | "
+                         f"{'-' if floor is None else floor} | {', '.join(held) or 'neither'} |")
+    lines += ["", f"| sweep {label} | fine-tuner | SMAC score_30k (mean of datasets) | today's | "
+              "dataset: SMAC vs smac-plain score_30k |", "|---|---|---|---|---|"]
+    for tuner in tuners:
+        per_dataset = [(d, values("score_30k", method="smac", finetuner=tuner, dataset=d),
+                        values("score_30k", method="smac-plain", finetuner=tuner, dataset=d)) for d in datasets]
+        means = [ours.mean() for _, ours, _ in per_dataset if len(ours)]
+        versus = "; ".join(f"{d}: {ours.mean():.1f} vs {plain.mean():.1f}" for d, ours, plain in per_dataset
+                           if len(ours) and len(plain))
+        lines.append(f"| {label} | {tuner} | {np.mean(means) if means else float('nan'):.1f} | "
+                     f"{SCORE_30K_TODAY.get(tuner, '-')} | {versus or '-'} |")
+    return lines
+
+
 def climb_targets(label: str, rows: list) -> list:
     """Issue 21, per fine-tuner over the sweep's datasets: SMAC's mean drop (<= 2), its mean score_30k against
     smac-anchor's (>= 1.25x) and smac-plain's (>=), and per dataset its regret against the best peer's (lower)."""
@@ -125,7 +180,8 @@ def climb_targets(label: str, rows: list) -> list:
         return []
 
     def mean(metric, **match):
-        values = [float(r[metric] or "nan") for r in rows if all(r[k] == v for k, v in match.items())]  # blank: none
+        values = [float(r.get(metric) or "nan")  # a blank or absent column: none
+                  for r in rows if all(r[k] == v for k, v in match.items())]
         return float(np.mean(values)) if values else float("nan")
 
     peers = sorted({r["method"] for r in rows if r["finetuner"] == "own"})
@@ -137,6 +193,8 @@ def climb_targets(label: str, rows: list) -> list:
         versus = []
         for dataset in sorted({r["dataset"] for r in rows}):
             regret = mean("regret", method="smac", finetuner=tuner, dataset=dataset)
+            if not np.isfinite(regret):  # a sweep in progress: no SMAC run on this dataset yet
+                continue
             ran = [(mean("regret", method=p, dataset=dataset), p) for p in peers]  # a peer with no row here: NaN
             best = min([(r, p) for r, p in ran if np.isfinite(r)], default=(float("nan"), "-"))
             versus.append(f"{dataset}: {regret:.3f} vs {best[1]} {best[0]:.3f} ({100 * (1 - regret / best[0]):.0f}%)")

@@ -99,3 +99,35 @@ def test_smac_against_the_best_peer_with_welchs_test_across_seeds(tmp_path):
     one_seed = [r for r in rows if r["seed"] == 1]
     out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "v" / "summary.csv", one_seed)]))
     assert "(n 1) | 50% | - |" in out  # one seed: no test
+
+
+def test_issue_31s_targets_rest_drops_within_the_floor_and_score_30k(tmp_path):
+    fields = ["dataset", "finetuner", "method", "seed", "drop", "regret", "score_30k", "offline_at_rest",
+              "offline_continuation_drop", "offline_rest_spread_std"]
+    rows = []
+    for seed, (rest, cont) in enumerate([("True", 1.0), ("False", 5.0)], start=4):
+        for tuner in ("sac", "td3"):
+            rows += [("hopper_x", tuner, "smac", seed, 0.5, 0.5, 60.0, rest, cont, 1.0),  # hopper floor 0.9: holds
+                     ("hopper_x", tuner, "smac-plain", seed, 10.0, 0.4, 50.0, rest, cont, 1.0),
+                     ("walker2d_x", tuner, "smac", seed, 8.0 + seed, 0.5, 70.0, rest, cont, 2.0),  # floor 6.0: no
+                     ("walker2d_x", tuner, "smac-plain", seed, 20.0, 0.4, 80.0, rest, cont, 2.0)]
+    path = tmp_path / "r" / "summary.csv"
+    os.makedirs(path.parent)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([fields, *rows])
+    out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop"]))
+    assert "| r | hopper_x | 1 of 2 | 3.0 ± 2.8 [1.0, 5.0] | 1.0 ± 0.0 [1.0, 1.0] |" in out  # one row per seed
+    assert "| r | hopper_x | sac | 10.0 ± 0.0 [10.0, 10.0] | 0.5 ± 0.0 [0.5, 0.5] | 0.9 | smac |" in out
+    assert "| r | walker2d_x | td3 | 20.0 ± 0.0 [20.0, 20.0] | 12.5 ± 0.7 [12.0, 13.0] | 6.0 | neither |" in out
+    assert "| r | sac | 65.0 | 57.7 | hopper_x: 60.0 vs 50.0; walker2d_x: 70.0 vs 80.0 |" in out
+    no_rest = [r[:7] + ("", "", "") for r in rows]  # offline_rest.py did not run: no issue-31 tables
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([fields, *no_rest])
+    assert "offline runs at rest" not in compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop"]))
+
+
+def test_the_climb_targets_skip_a_dataset_smac_has_not_run_yet(tmp_path):
+    rows = [row("smac", 1, 1.0, 0.5), row("smac-anchor", 1, 1.0, 0.6), row("iql", 1, 0.0, 0.8, "own"),
+            dict(row("iql", 1, 0.0, 0.9, "own"), dataset="e")]
+    out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "c" / "summary.csv", rows)]))
+    assert "| anchor score_30k" in out and "e: " not in out  # e has no SMAC regret to set against iql
