@@ -147,6 +147,8 @@ def rest_targets(label: str, rows: list) -> list:
     for dataset in datasets:
         offline = {r["seed"]: r for r in rows if r["dataset"] == dataset and r["method"] == "smac"
                    and r.get("offline_at_rest")}.values()  # one row per seed: its online runs share one offline run
+        if not offline:
+            continue
         lines.append(f"| {label} | {dataset} | {sum(r['offline_at_rest'] == 'True' for r in offline)} of "
                      f"{len(offline)} | {spread(np.array([float(r['offline_continuation_drop']) for r in offline]))} | "
                      f"{spread(np.array([float(r['offline_rest_spread_std']) for r in offline]))} |")
@@ -158,8 +160,9 @@ def rest_targets(label: str, rows: list) -> list:
             plain, ours = (values("drop", method=m, finetuner=tuner, dataset=dataset) for m in ("smac-plain", "smac"))
             held = [m for m, v in (("smac-plain", plain), ("smac", ours)) if floor is not None and len(v)
                     and v.mean() <= floor]
+            verdict = ", ".join(held) or ("neither" if floor is not None and len(plain) and len(ours) else "-")
             lines.append(f"| {label} | {dataset} | {tuner} | {spread(plain)} | {spread(ours)} | "
-                         f"{'-' if floor is None else floor} | {', '.join(held) or 'neither'} |")
+                         f"{'-' if floor is None else floor} | {verdict} |")
     lines += ["", f"| sweep {label} | fine-tuner | SMAC score_30k (mean of datasets) | today's | "
               "dataset: SMAC vs smac-plain score_30k |", "|---|---|---|---|---|"]
     for tuner in tuners:
@@ -168,7 +171,7 @@ def rest_targets(label: str, rows: list) -> list:
         means = [ours.mean() for _, ours, _ in per_dataset if len(ours)]
         versus = "; ".join(f"{d}: {ours.mean():.1f} vs {plain.mean():.1f}" for d, ours, plain in per_dataset
                            if len(ours) and len(plain))
-        lines.append(f"| {label} | {tuner} | {np.mean(means) if means else float('nan'):.1f} | "
+        lines.append(f"| {label} | {tuner} | {np.mean(means) if means else float('nan'):.1f} ({len(means)} datasets) | "
                      f"{SCORE_30K_TODAY.get(tuner, '-')} | {versus or '-'} |")
     return lines
 

@@ -119,7 +119,15 @@ def test_issue_31s_targets_rest_drops_within_the_floor_and_score_30k(tmp_path):
     assert "| r | hopper_x | 1 of 2 | 3.0 ± 2.8 [1.0, 5.0] | 1.0 ± 0.0 [1.0, 1.0] |" in out  # one row per seed
     assert "| r | hopper_x | sac | 10.0 ± 0.0 [10.0, 10.0] | 0.5 ± 0.0 [0.5, 0.5] | 0.9 | smac |" in out
     assert "| r | walker2d_x | td3 | 20.0 ± 0.0 [20.0, 20.0] | 12.5 ± 0.7 [12.0, 13.0] | 6.0 | neither |" in out
-    assert "| r | sac | 65.0 | 57.7 | hopper_x: 60.0 vs 50.0; walker2d_x: 70.0 vs 80.0 |" in out
+    assert "| r | sac | 65.0 (2 datasets) | 57.7 | hopper_x: 60.0 vs 50.0; walker2d_x: 70.0 vs 80.0 |" in out
+    walker_only = [r for r in rows if r[0] == "walker2d_x" and r[2] != "smac-plain"]  # a sweep in progress
+    with open(path, "w", newline="") as f:
+        plain_only = ("hopper_x", "sac", "smac-plain", 4, 1.0, 0.4, 50.0, "", "", "")
+        csv.writer(f).writerows([fields, *walker_only, plain_only])
+    out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop"]))
+    assert "| r | walker2d_x | 1 of 2 |" in out and "| r | hopper_x | 1 of" not in out and "0 of 0" not in out
+    assert "| 12.5 ± 0.7 [12.0, 13.0] | 6.0 | - |" in out  # no smac-plain run to judge: no verdict yet
+    assert "| r | sac | 70.0 (1 datasets) | 57.7 | - |" in out
     no_rest = [r[:7] + ("", "", "") for r in rows]  # offline_rest.py did not run: no issue-31 tables
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([fields, *no_rest])
