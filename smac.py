@@ -59,7 +59,7 @@ class RunArgs:
     policy_lr: float = 3e-4
     """learning rate of the actor"""
     q_lr: float = 3e-4
-    """learning rate of the critics, alpha_psi (offline) and SAC's alpha (online)"""
+    """learning rate of the critics, alpha_psi (offline) and SAC's alpha (in sac_finetune.py)"""
     eval_episodes: int = 10
     """number of deterministic evaluation episodes (episode i reset with seed i)"""
 
@@ -99,7 +99,7 @@ class Args(RunArgs):
     score_scale_floor: float = 1.0
     """alpha_psi(s) >= this floor (left free, alpha_psi shrinks to 0 and the critic goes flat in the action)"""
     return_quantile: float = 0.9
-    """the score is queried at w = this quantile of the dataset's normalized episode returns"""
+    """the score is queried at w = this quantile of the normalized episode returns over transitions (by length)"""
     binary_reward: bool = False
     """reward 1 at the steps the env reports success, else 0, in the data and (the checkpoint says) online; Adroit's"""
 
@@ -528,6 +528,9 @@ def load_dataset(name: str, path: str | None, binary_reward: bool = False) -> di
     if lengths == {0}:
         raise SMACError(f"{where} holds no transitions")
     env, _ = make_env(task, 0.0, 1.0), normalized_score(task, 0.0)  # the env and its references work
+    if not isinstance(space := env.action_space, gym.spaces.Box) or (space.low != -1).any() or (space.high != 1).any():
+        raise SMACError(f"{env.spec.id}'s actions are {space}, but the tanh actor and B(A)'s uniform actions live in "
+                        "[-1, 1]: rescale them in a fork (gymnasium's RescaleAction, and the data's actions alike)")
     if binary_reward:  # online, the fine-tuners take the reward from the env's success
         env.reset(seed=0)
         if step_success(env.step(env.action_space.sample())[-1]) is None:

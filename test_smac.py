@@ -538,6 +538,13 @@ def test_the_binary_reward_follows_the_recorded_success_offline_and_online_and_r
     assert set(added) == {0.0} and len(added) == 2 * 60
     assert smac.transfer_metrics([(0, 1.0)], [5.0] * 4, 10, 0, [True, False, True, True])["regret"] == 0.25
 
+def test_an_env_whose_actions_are_not_in_minus_1_1_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    record_minari("mujoco/humanoid/tiny-v0", "Humanoid-v4", 1, 5)  # Humanoid's actions: [-0.4, 0.4]
+    with pytest.raises(smac.SMACError, match=r"Humanoid-v4's actions are Box\(-0.4, 0.4.*live in \[-1, 1\]"):
+        smac.load_dataset("mujoco/humanoid/tiny-v0", None)
+
+
 @pytest.mark.parametrize("env_id, successes, message", [
     ("Hopper-v4", lambda i, n: np.zeros(n, bool), "--binary-reward needs an env that reports success online; Hopper"),
     ("AdroitHandDoor-v1", lambda i, n: np.full(n, 2), r"infos\['success'\] must be True or False at each step"),
