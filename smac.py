@@ -119,7 +119,7 @@ class Actor(nn.Module):
 
     def forward(self, obs: torch.Tensor):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(-5.0, 2.0)  # sigma in [e^-5, e^2], as CleanRL
+        return mean, log_std.clamp(-5.0, 2.0)  # sigma in [e^-5, e^2]: CleanRL's bounds (it rescales by tanh)
 
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         mean, log_std = self(obs)
@@ -165,7 +165,7 @@ class ScoreModel(nn.Module):
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int = 128, steps: int = 10, blocks: int = 2):
         super().__init__()  # IDQL: 256 wide, 3 blocks; smaller to fit a CPU
-        k = torch.arange(1, steps + 1, dtype=torch.float32)  # IDQL's variance-preserving schedule, b = 0.1 .. 10:
+        k = torch.arange(1, steps + 1, dtype=torch.float32)  # IDQL's variance-preserving schedule, beta 0.1 .. 10:
         betas = 1.0 - torch.exp(-0.1 / steps - 0.5 * (10.0 - 0.1) * (2 * k - 1) / steps**2)
         self.register_buffer("abar", torch.cumprod(1.0 - betas, 0))
         self.inp = nn.Linear(act_dim + obs_dim + 1 + 16, hidden)
@@ -188,8 +188,9 @@ class ScoreModel(nn.Module):
         return (self(obs, abar.sqrt() * actions + (1 - abar).sqrt() * eps, w, k) - eps).pow(2).mean()
 
     def score(self, obs, actions, w):
-        # grad_a log p~(a|s,w) = -sqrt(abar_1) eps_omega(s, sqrt(abar_1) a, w, 1) / sqrt(1 - abar_1), p~ = the data's
-        # actions blurred; asked at sqrt(abar_1) a so the field is centred on the data's actions
+        # grad_a log q(sqrt(abar_1) a | s,w) = -sqrt(abar_1) eps_omega(s, sqrt(abar_1) a, w, 1) / sqrt(1 - abar_1):
+        # q = pi^D after the first noise step (blurred), asked at sqrt(abar_1) a so the field is centred on the data's
+        # actions; the leading sqrt(abar_1) is the chain rule through x = sqrt(abar_1) a
         abar, k = self.abar[0], torch.ones(len(obs), dtype=torch.long, device=obs.device)
         return -abar.sqrt() * self(obs, abar.sqrt() * actions, w, k) / (1.0 - abar).sqrt()
 
@@ -228,7 +229,8 @@ def penalty_actions(mean, log_std) -> torch.Tensor:
 def score_matching_residual(critic, score_scale, score_model, obs, actions, w):
     """residual_i = grad_a Q_i(s, a) - alpha_psi(s) * grad_a log pi^D(a|s, w), shape (2, B, a), and its two parts."""
     data_score = score_model.score(obs, actions, w).detach()  # a fixed target: the score model is trained first
-    actions = actions.detach().expand(2, *actions.shape).clone().requires_grad_(True)  # one set per critic
+    actions = actions.detach().expand(2, *actions.shape).clone().requires_grad_(True)  # a copy per critic: each
+    # gets its own grad_a Q_i (one shared tensor would get grad_a (Q_1 + Q_2))
     grad_q = torch.autograd.grad(critic(obs, actions).sum(), actions, create_graph=True)[0]  # double backprop
     return grad_q - score_scale(obs) * data_score, grad_q, data_score
 
@@ -255,7 +257,7 @@ def td_loss(critic, batch: dict, y: torch.Tensor) -> torch.Tensor:
 
 def sac_actor_loss(mean, log_std, obs, critic: TwinCritic, alpha) -> torch.Tensor:
     actions, log_pi = tanh_gaussian_sample(mean, log_std)
-    critic.requires_grad_(False)  # the critic's weights get no gradient from L_pi
+    critic.requires_grad_(False)  # L_pi needs grad_a Q only: no backward into the critic's weights
     q = critic(obs, actions).min(0).values
     critic.requires_grad_(True)
     return (alpha * log_pi - q).mean()  # L_pi = E_s E_{a~pi} [alpha * log pi(a|s) - min_i Q_i(s, a)]
@@ -285,7 +287,7 @@ def train(args: Args) -> dict:
     score_model = ScoreModel(obs_dim, act_dim, steps=args.diffusion_steps).to(device)
     score_scale = ScoreScale(obs_dim, args.hidden_dim, args.score_scale_floor).to(device)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
-    critic_opt = torch.optim.Adam([*critic.parameters(), *score_scale.parameters()], lr=args.q_lr)
+    critic_opt = torch.optim.Adam([*critic.parameters(), *score_scale.parameters()], lr=args.q_lr)  # alpha_psi: by L_SM
     score_model_opt = torch.optim.Adam(score_model.parameters(), lr=3e-4)
     eval_env = make_env(data["task"], obs_mean, obs_std)
     with RunLog(args, args.env) as log:
@@ -339,6 +341,29 @@ def train(args: Args) -> dict:
 
 
 # ---- online: kappa_t, the penalty's release
+@dataclass(kw_only=True)
+class FinetuneArgs(RunArgs):
+    """The flags both fine-tuners have (each adds its algorithm's own)."""
+    checkpoint: str
+    """SMAC checkpoint (runs/<run_name>/smac.pt) to fine-tune"""
+    total_timesteps: int = 250_000
+    """online environment steps"""
+    eval_freq: int = 5000
+    """evaluate (and write final.pt) every this many steps, at step 0 and at the last"""
+    buffer_size: int = 1_000_000
+    """capacity of the online replay buffer"""
+    learning_starts: int = 1000
+    """online steps collected by the offline policy before updates begin"""
+    score_coef: float | None = None
+    """kappa_0, the penalty's weight at the hand-over; default the checkpoint's kappa (0: plain online RL)"""
+    score_coef_final: float | None = None
+    """kappa after the release (default kappa_0 / 100; = kappa_0: no release, the anchor kept)"""
+    score_release_updates: int = 15_000
+    """online updates over which kappa_t falls from kappa_0 to --score-coef-final"""
+    drop_window: int | None = None
+    """drop = step-0 score - lowest evaluation within this many updates; default max(5000, 10% of the updates)"""
+
+
 def online_score_coefs(args, checkpoint_kappa: float) -> tuple:
     """(kappa_0, final kappa): by default the checkpoint's kappa, released to a hundredth of it."""
     start = checkpoint_kappa if args.score_coef is None else args.score_coef
@@ -372,29 +397,6 @@ CHECKPOINT_INFO = ("obs_dim", "act_dim", "hidden_dim", "env", "task", "alpha", "
                    "w_query", "score_model", "score_scale")  # beside the three networks' weights
 AT_LEAST_0, AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
 NON_NEGATIVE = (lambda v: v is None or math.isfinite(v) and v >= 0, "a finite number >= 0")
-
-
-@dataclass(kw_only=True)
-class FinetuneArgs(RunArgs):
-    """The flags both fine-tuners have (each adds its algorithm's own)."""
-    checkpoint: str
-    """SMAC checkpoint (runs/<run_name>/smac.pt) to fine-tune"""
-    total_timesteps: int = 250_000
-    """online environment steps"""
-    eval_freq: int = 5000
-    """evaluate (and write final.pt) every this many steps, at step 0 and at the last"""
-    buffer_size: int = 1_000_000
-    """capacity of the online replay buffer"""
-    learning_starts: int = 1000
-    """online steps collected by the offline policy before updates begin"""
-    score_coef: float | None = None
-    """kappa_0, the penalty's weight at the hand-over; default the checkpoint's kappa (0: plain online RL)"""
-    score_coef_final: float | None = None
-    """kappa after the release (default kappa_0 / 100; = kappa_0: no release, the anchor kept)"""
-    score_release_updates: int = 15_000
-    """online updates over which kappa_t falls from kappa_0 to --score-coef-final"""
-    drop_window: int | None = None
-    """drop = step-0 score - lowest evaluation within this many updates; default max(5000, 10% of the updates)"""
 
 
 class SMACError(Exception):
