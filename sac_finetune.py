@@ -79,9 +79,9 @@ def train(args: Args) -> dict:
                 kappa = smac.released_score_coef(kappa_0, kappa_final, args.score_release_updates, update)
                 if kappa > 0:  # + kappa_t L_SM: SMAC's penalty, at the minibatch's states
                     with torch.no_grad():
-                        policy = actor(batch["observations"])
+                        mean, log_std = actor(batch["observations"])
                     critic_loss = critic_loss + kappa * smac.score_matching_penalty(
-                        critic, score_scale, score_model, batch["observations"], *policy, ckpt["w_query"])
+                        critic, score_scale, score_model, batch["observations"], mean, log_std, ckpt["w_query"])
                 critic_opt.zero_grad()
                 critic_loss.backward()
                 critic_opt.step()
@@ -108,15 +108,15 @@ def train(args: Args) -> dict:
                            alpha=alpha, score_coef=kappa)
 
             if step % args.eval_freq == 0 or step == args.total_timesteps:
-                updates = max(0, step - args.learning_starts)
-                score = log.evaluation("step", step, actor, eval_env, args.eval_episodes, task, updates=updates,
-                                       score_coef=kappa)
-                evals.append((updates, score))
-                info = {k: ckpt[k] for k in smac.CHECKPOINT_INFO if k != "alpha"}  # alpha: SAC's, as tuned online
-                log.save("final.pt", actor, critic, target_critic, **info, alpha=alpha, step=step,
+                updates_done = max(0, step - args.learning_starts)
+                normalized_score = log.evaluation("step", step, actor, eval_env, args.eval_episodes, task,
+                                                  updates=updates_done, score_coef=kappa)
+                evals.append((updates_done, normalized_score))
+                ckpt_info = {k: ckpt[k] for k in smac.CHECKPOINT_INFO if k != "alpha"}  # alpha: SAC's, tuned online
+                log.save("final.pt", actor, critic, target_critic, **ckpt_info, alpha=alpha, step=step,
                          online_args=asdict(args))
-        updates = args.total_timesteps - args.learning_starts  # the drop window's default is 10% of them
-        summary = smac.transfer_metrics(evals, train_scores, args.drop_window, updates, train_successes or None)
+        total_updates = args.total_timesteps - args.learning_starts  # the drop window's default is 10% of them
+        summary = smac.transfer_metrics(evals, train_scores, args.drop_window, total_updates, train_successes or None)
         smac.append_csv(os.path.join(log.dir, "summary.csv"), summary)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()),
               f"\nfine-tuned checkpoint: {log.last_checkpoint}")
