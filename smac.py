@@ -206,7 +206,8 @@ def episode_return_w(data: dict) -> np.ndarray:
 
 
 class ScoreScale(nn.Module):
-    """alpha_psi(s) = floor + softplus(g_psi(s)), grad_a Q's learned scale to the dataset's score."""
+    """alpha_psi(s) = floor + softplus(g_psi(s)), grad_a Q's learned scale to the dataset's score; floor + init at
+    the start (2 with the default floor 1)."""
 
     def __init__(self, obs_dim: int, hidden: int = 256, floor: float = 0.0, init: float = 1.0):
         super().__init__()
@@ -368,7 +369,7 @@ class FinetuneArgs(RunArgs):
 def online_score_coefs(args, checkpoint_kappa: float) -> tuple:
     """(kappa_0, final kappa): by default the checkpoint's kappa, released to a hundredth of it."""
     start = checkpoint_kappa if args.score_coef is None else args.score_coef
-    return start, start / 100 if args.score_coef_final is None else args.score_coef_final
+    return start, (start / 100 if args.score_coef_final is None else args.score_coef_final)
 
 
 def released_score_coef(start: float, final: float, release_updates: int, update: int) -> float:
@@ -660,7 +661,7 @@ def load_checkpoint(path: str, device: torch.device) -> tuple:
     if not (mean.shape == std.shape == (dim,) and torch.stack([mean, std]).isfinite().all() and (std > 0).all()):
         raise SMACError(f"{path}: its observation statistics are not {dim} finite numbers (std > 0)")
     actor = Actor(dim, ckpt["act_dim"], ckpt["hidden_dim"])
-    critic = TwinCritic(dim, ckpt["act_dim"], ckpt["hidden_dim"], ckpt["args"].get("critic_layer_norm", False))
+    critic = TwinCritic(dim, ckpt["act_dim"], ckpt["hidden_dim"], ckpt["args"]["critic_layer_norm"])
     return ckpt, *load_weights(path, ckpt, device, actor=actor, critic=critic, target_critic=copy.deepcopy(critic))
 
 

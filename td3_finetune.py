@@ -29,7 +29,8 @@ class Args(smac.FinetuneArgs):
     noise_clip: float = 0.5
     """the target-policy smoothing noise is clipped to [-noise_clip, noise_clip]"""
     bc_coef: float = 0.0
-    """> 0: online TD3+BC, actor loss -Q/mean|Q| + bc_coef * ||mu(s) - a||^2 (TD3+BC's own alpha = 2.5 is 0.4 here)"""
+    """> 0: TD3+BC's actor loss online, -Q/mean|Q| + bc_coef * ||mu(s) - a||^2, a from the online buffer (TD3+BC's
+    alpha = 2.5 is 0.4 here)"""
 
 
 def train(args: Args) -> dict:
