@@ -44,7 +44,7 @@ def train(args: Args) -> dict:
 
     with smac.RunLog(args, ckpt["env"]) as log:
         obs, _ = env.reset(seed=args.seed)
-        kappa, train_scores, train_successes, success = kappa_0, [], [], None
+        kappa, success = kappa_0, None
         critic_loss, actor_loss = torch.zeros(()), torch.zeros(())
         evals = [(0, log.evaluation("step", 0, actor, eval_env, args.eval_episodes, task, updates=0,
                                     score_coef=kappa))]  # the offline policy opens the curve
@@ -59,14 +59,7 @@ def train(args: Args) -> dict:
                    dones=[terminated])
             obs, success = next_obs, success or smac.step_success(info)  # success: at any step (goal tasks)
             if terminated or truncated:  # the episode's return (and success): TensorBoard, episodes.csv for regret
-                episode_return = float(info["episode"]["r"])
-                train_scores.append(smac.normalized_score(task, episode_return))
-                episode = {"step": step, "return": episode_return, "normalized_score": train_scores[-1]}
-                if success is not None:
-                    train_successes.append(success)
-                    episode["success"] = int(success)
-                log.writer.add_scalar("charts/episodic_return", episode_return, step)
-                smac.append_csv(os.path.join(log.dir, "episodes.csv"), episode)
+                log.episode(step, info, success, task)
                 (obs, _), success = env.reset(), None
 
             # ALGO LOGIC: training
@@ -116,7 +109,8 @@ def train(args: Args) -> dict:
                 log.save("final.pt", actor, critic, target_critic, **ckpt_info, alpha=alpha, step=step,
                          online_args=asdict(args))
         total_updates = args.total_timesteps - args.learning_starts  # the drop window's default is 10% of them
-        summary = smac.transfer_metrics(evals, train_scores, args.drop_window, total_updates, train_successes or None)
+        summary = smac.transfer_metrics(evals, log.train_scores, args.drop_window, total_updates,
+                                        log.train_successes or None)
         smac.append_csv(os.path.join(log.dir, "summary.csv"), summary)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()),
               f"\nfine-tuned checkpoint: {log.last_checkpoint}")

@@ -696,6 +696,7 @@ class RunLog(contextlib.AbstractContextManager):
         if os.path.exists(os.path.join(args.run_dir, self.run_name)):  # two runs started in the same second
             self.run_name += f"_{os.getpid()}"
         self.dir, self.last_checkpoint = os.path.join(args.run_dir, self.run_name), None
+        self.train_scores, self.train_successes = [], []  # the online training episodes' (regret's data)
         if args.track:
             try:
                 import wandb
@@ -747,6 +748,17 @@ class RunLog(contextlib.AbstractContextManager):
         append_csv(os.path.join(self.dir, "metrics.csv"), row)
         self.eval_seconds += time.time() - start
         return score
+
+    def episode(self, step: int, info: dict, success: bool | None, task: dict) -> None:
+        """An online training episode's end: its return (and success), TensorBoard, episodes.csv, kept for regret."""
+        row = {"step": step, "return": float(info["episode"]["r"])}
+        row["normalized_score"] = normalized_score(task, row["return"])
+        self.train_scores.append(row["normalized_score"])
+        if success is not None:
+            self.train_successes.append(success)
+            row["success"] = int(success)
+        self.writer.add_scalar("charts/episodic_return", row["return"], step)
+        append_csv(os.path.join(self.dir, "episodes.csv"), row)
 
     def check_finite_weights(self, when: str, *nets: nn.Module) -> None:
         if not all(p.isfinite().all() for net in nets for p in net.parameters()):
