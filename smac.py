@@ -331,7 +331,7 @@ def train(args: Args) -> dict:
             log.losses("offline", update, args.total_updates, td_loss=critic_td_loss, score_loss=sm_loss,
                        actor_loss=actor_loss, td_target=y)
             if update % args.eval_freq_updates == 0 or update == args.total_updates:
-                normalized_score = log.evaluation("update", update, actor, eval_env, args.eval_episodes, data["task"])
+                eval_score = log.evaluation("update", update, actor, eval_env, args.eval_episodes, data["task"])
                 has_penalty = args.score_coef > 0  # what the fine-tuners need beside the networks:
                 log.save("smac.pt", actor, critic, target_critic, obs_dim=obs_dim, act_dim=act_dim, args=asdict(args),
                          hidden_dim=args.hidden_dim, env=args.env, task=data["task"], alpha=args.alpha, update=update,
@@ -339,7 +339,7 @@ def train(args: Args) -> dict:
                          score_model=score_model if has_penalty else None,
                          score_scale=score_scale if has_penalty else None)
         print(f"{(sps := log.sps(args.total_updates))} updates/s; checkpoint: {log.last_checkpoint}")
-    return {"run_dir": log.dir, "sps": sps, "normalized_score": normalized_score}
+    return {"run_dir": log.dir, "sps": sps, "normalized_score": eval_score}
 
 
 # ---- online: kappa_t, the penalty's release

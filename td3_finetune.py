@@ -111,9 +111,9 @@ def train(args: Args) -> dict:
 
             if step % args.eval_freq == 0 or step == args.total_timesteps:
                 updates_done = max(0, step - args.learning_starts)
-                normalized_score = log.evaluation("step", step, actor, eval_env, args.eval_episodes, task,
-                                                  updates=updates_done, score_coef=kappa)
-                evals.append((updates_done, normalized_score))
+                eval_score = log.evaluation("step", step, actor, eval_env, args.eval_episodes, task,
+                                            updates=updates_done, score_coef=kappa)
+                evals.append((updates_done, eval_score))
                 log.save("final.pt", actor, critic, target_critic, **{k: ckpt[k] for k in smac.CHECKPOINT_INFO},
                          step=step, online_args=asdict(args))  # alpha: the offline one, for a later SAC fine-tune
         total_updates = args.total_timesteps - args.learning_starts  # the drop window's default is 10% of them
