@@ -497,10 +497,7 @@ def read_minari(name: str) -> tuple:
     if not isinstance(obs_space, (gym.spaces.Box, gym.spaces.Dict)) or not isinstance(act_space, gym.spaces.Box):
         raise SMACError(f"the Minari dataset {name} has {obs_space} observations and {act_space} actions; SMAC reads "
                         "Box observations (or dictionaries of them) and Box actions")
-    space = env.observation_space  # a dict per step flattened in the env's key order, as FlattenObservation online
-    observations = [e.observations if isinstance(space, gym.spaces.Box) else np.stack([gym.spaces.flatten(space, o)
-                    for o in gym.vector.utils.iterate(gym.vector.utils.batch_space(space, len(e.actions) + 1),
-                                                      e.observations)]) for e in episodes]
+    observations = [flatten_steps(env.observation_space, e.observations) for e in episodes]
     parts = {"observations": [o[:-1] for o in observations], "actions": [e.actions for e in episodes],
              "rewards": [e.rewards for e in episodes], "next_observations": [o[1:] for o in observations],
              "terminals": [e.terminations for e in episodes], "timeouts": [e.truncations for e in episodes]}
@@ -511,6 +508,14 @@ def read_minari(name: str) -> tuple:
         parts["success"] = [s[-t:] for s, t in success]
     task = {"name": name, "env_spec": env.spec.to_json(), "ref_scores": refs}
     return {k: np.concatenate(v) if episodes else np.zeros((0,)) for k, v in parts.items()}, task
+
+
+def flatten_steps(space: gym.Space, observations) -> np.ndarray:
+    """An episode's observations as (steps, obs_dim): a dictionary's arrays side by side in the space's key order (and
+    nested dictionaries alike), the layout gymnasium's FlattenObservation gives the env's observations online."""
+    if isinstance(space, gym.spaces.Dict):
+        return np.concatenate([flatten_steps(space[key], observations[key]) for key in space.keys()], axis=1)
+    return np.asarray(observations).reshape(len(observations), -1)
 
 
 def load_dataset(name: str, path: str | None, binary_reward: bool = False) -> dict:
