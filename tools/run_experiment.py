@@ -198,8 +198,9 @@ def run_job(job: dict) -> dict:
             result["offline_curve"] = curve("offline_metrics.csv", "update")[1]
     result["settings"] = job["settings"]  # so a results folder that lost its sweep.json is still checked
     os.makedirs(os.path.dirname(job["result"]), exist_ok=True)
-    if job["kind"] in ("online", "peer") and os.path.isfile(episodes := os.path.join(run_dir, "episodes.csv")):
-        shutil.copyfile(episodes, os.path.join(os.path.dirname(job["result"]), "episodes.csv"))  # regret's data
+    for kept in ("episodes.csv", "peer_config.json"):  # regret's data; what a peer ran with (CORL's config values)
+        if job["kind"] in ("online", "peer") and os.path.isfile(os.path.join(run_dir, kept)):
+            shutil.copyfile(os.path.join(run_dir, kept), os.path.join(os.path.dirname(job["result"]), kept))
     tmp = job["result"] + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=0)

@@ -328,6 +328,8 @@ def test_the_runner_puts_peers_and_online_methods_beside_smac(tmp_path, corl_dir
     committed = sorted(os.path.relpath(p, tmp_path / "results" / "tiny" / "finished") for p in glob.glob(
         str(tmp_path / "results" / "tiny" / "finished" / "**" / "episodes.csv"), recursive=True))
     assert len(committed) == 5 and any("iql" in p for p in committed)  # each online run's and peer's episodes
+    configs = glob.glob(str(tmp_path / "results" / "tiny" / "finished" / "**" / "peer_config.json"), recursive=True)
+    assert sorted(json.load(open(p))["config_file"] is None for p in configs) == [True, True]  # each peer's, kept
     table = (tmp_path / "results" / "tiny" / "table.md").read_text()
     assert "| tiny-local | own | iql | 1 |" in table and "score_30k" in table
     assert (tmp_path / "results" / "tiny" / "tiny-local_sac.png").stat().st_size > 0
