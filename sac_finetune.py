@@ -45,7 +45,7 @@ def train(args: Args) -> dict:
     with smac.RunLog(args, ckpt["env"]) as log:
         obs, _ = env.reset(seed=args.seed)
         kappa, success = kappa_0, None
-        critic_loss, actor_loss = torch.zeros(()), torch.zeros(())
+        actor_loss = torch.zeros(())
         evals = [(0, log.evaluation("step", 0, actor, eval_env, args.eval_episodes, task, updates=0,
                                     score_coef=kappa))]  # the offline policy opens the curve
         for step in tqdm(range(1, args.total_timesteps + 1), "online steps", disable=None):
@@ -68,13 +68,15 @@ def train(args: Args) -> dict:
                 batch = rb.sample(args.batch_size)
                 # L_Q = sum_i E (Q_i(s, a) - y)^2,  y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s'))
                 y = smac.soft_td_target(actor, target_critic, batch, args.gamma, alpha)
-                critic_loss = smac.td_loss(critic, batch, y)
+                critic_loss = critic_td_loss = smac.td_loss(critic, batch, y)
+                sm_loss = torch.zeros(())
                 kappa = smac.released_score_coef(kappa_0, kappa_final, args.score_release_updates, update)
                 if kappa > 0:  # + kappa_t L_SM: SMAC's penalty, at the minibatch's states
                     with torch.no_grad():
                         mean, log_std = actor(batch["observations"])
-                    critic_loss = critic_loss + kappa * smac.score_matching_penalty(
+                    sm_loss = smac.score_matching_penalty(
                         critic, score_scale, score_model, batch["observations"], mean, log_std, ckpt["w_query"])
+                    critic_loss = critic_td_loss + kappa * sm_loss
                 critic_opt.zero_grad()
                 critic_loss.backward()
                 critic_opt.step()
@@ -97,8 +99,8 @@ def train(args: Args) -> dict:
                             alpha_opt.step()
                             alpha = log_alpha.exp().item()
                 smac.soft_update(critic, target_critic, args.tau)
-                log.losses("online", step, args.total_timesteps, critic_loss=critic_loss, actor_loss=actor_loss,
-                           alpha=alpha, score_coef=kappa)
+                log.losses("online", step, args.total_timesteps, td_loss=critic_td_loss, score_loss=sm_loss,
+                           actor_loss=actor_loss, alpha=alpha, score_coef=kappa)
 
             if step % args.eval_freq == 0 or step == args.total_timesteps:
                 updates_done = max(0, step - args.learning_starts)

@@ -712,6 +712,8 @@ def test_logs_say_only_what_is_true(tmp_path, offline_checkpoint, monkeypatch, c
         online_lines = [line for line in printed.splitlines() if line.startswith("online step=")]
         assert [line.split()[1] for line in online_lines] == ["step=150", "step=200", "step=250", "step=300"]
         assert all(("alpha=" in line) == (module is sac_finetune) for line in online_lines)  # TD3 has no alpha
+        losses = [dict(kv.split("=") for kv in line.split()[2:]) for line in online_lines]
+        assert all("td_loss" in line and float(line["score_loss"]) > 0 for line in losses)  # L_TD, L_SM apart
         assert [line.split()[1] for line in printed.splitlines() if line.startswith("eval ")] == ["step=0", "step=300"]
 
 # ---------------------------------------------------------------- logs and the command line
