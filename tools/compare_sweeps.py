@@ -99,7 +99,7 @@ def peer_tests(label: str, rows: list) -> list:
         std = f"{values.std(ddof=1):.3f}" if len(values) > 1 else "-"
         return f"{values.mean():.3f} ± {std} [{values.min():.3f}, {values.max():.3f}] (n {len(values)})"
 
-    lines = ["", f"| sweep {label} | dataset | fine-tuner | SMAC regret | best peer: regret | SMAC below by | "
+    lines = ["", f"| sweep {label} | dataset | fine-tuner | SMAC regret | best peer: regret | SMAC vs the peer | "
              "Welch's t, p (two-sided) |", "|---|---|---|---|---|---|---|"]
     for dataset in sorted({r["dataset"] for r in rows}):
         ran = [(regrets(method=p, dataset=dataset), p) for p in peers]
@@ -116,8 +116,14 @@ def peer_tests(label: str, rows: list) -> list:
                 t, p = stats.ttest_ind(ours, best, equal_var=False)
                 test = f"t {t:.2f}, p {p:.3f}" if np.isfinite(p) else "-"
             lines.append(f"| {label} | {dataset} | {tuner} | {cell(ours)} | {peer}: {cell(best)} | "
-                         f"{100 * (1 - ours.mean() / best.mean()):.0f}% | {test} |")
+                         f"{relative(ours.mean(), best.mean())} | {test} |")
     return lines
+
+
+def relative(ours: float, best: float) -> str:
+    """SMAC's regret against the best peer's, as a share of the peer's: "40% below" or "36% above"."""
+    share = 1 - ours / best
+    return f"{100 * abs(share):.0f}% {'below' if share >= 0 else 'above'}"
 
 
 # Issue 31's bars: a fixed policy's online drop floor per dataset (tools/eval_noise.py), SMAC's score_30k in climb-30k
@@ -189,7 +195,7 @@ def climb_targets(label: str, rows: list) -> list:
 
     peers = sorted({r["method"] for r in rows if r["finetuner"] == "own"})
     lines = ["", f"| sweep {label} | fine-tuner | SMAC drop | SMAC score_30k | anchor score_30k (x) | plain score_30k "
-             "| dataset: SMAC regret vs best peer's (below by) |", "|---|---|---|---|---|---|---|"]
+             "| dataset: SMAC regret vs best peer's |", "|---|---|---|---|---|---|---|"]
     for tuner in sorted({r["finetuner"] for r in rows} - {"own"}):
         smac_30k, anchor_30k = mean("score_30k", method="smac", finetuner=tuner), mean(
             "score_30k", method="smac-anchor", finetuner=tuner)
@@ -200,7 +206,7 @@ def climb_targets(label: str, rows: list) -> list:
                 continue
             ran = [(mean("regret", method=p, dataset=dataset), p) for p in peers]  # a peer with no row here: NaN
             best = min([(r, p) for r, p in ran if np.isfinite(r)], default=(float("nan"), "-"))
-            versus.append(f"{dataset}: {regret:.3f} vs {best[1]} {best[0]:.3f} ({100 * (1 - regret / best[0]):.0f}%)")
+            versus.append(f"{dataset}: {regret:.3f} vs {best[1]} {best[0]:.3f} ({relative(regret, best[0])})")
         lines.append(f"| {label} | {tuner} | {mean('drop', method='smac', finetuner=tuner):.2f} | {smac_30k:.1f} | "
                      f"{anchor_30k:.1f} ({smac_30k / anchor_30k:.2f}x) | "
                      f"{mean('score_30k', method='smac-plain', finetuner=tuner):.1f} | {'; '.join(versus)} |")

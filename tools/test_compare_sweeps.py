@@ -65,15 +65,15 @@ def test_the_climb_targets_of_a_sweep_with_anchor_and_peer_rows(tmp_path):
         writer.writerow(fields)
         writer.writerows([(d, t, m, 1, drop, regret, s30) for d, t, m, drop, regret, s30 in rows])
     out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop"]))
-    assert ("| c | sac | 2.00 | 70.0 | 40.0 (1.75x) | 60.0 | d1: 0.500 vs calql 0.625 (20%); "
-            "d2: 0.300 vs iql 0.600 (50%) |") in out
+    assert ("| c | sac | 2.00 | 70.0 | 40.0 (1.75x) | 60.0 | d1: 0.500 vs calql 0.625 (20% below); "
+            "d2: 0.300 vs iql 0.600 (50% below) |") in out
     with open(path, "w", newline="") as f:  # a sweep in progress: calql has no d2 row yet; iql is d2's best peer
         writer = csv.writer(f)
         writer.writerow(fields)
         writer.writerows([(d, t, m, 1, drop, regret, s30) for d, t, m, drop, regret, s30 in rows
                           if (d, m) != ("d2", "calql")])
     out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop"]))
-    assert "d1: 0.500 vs calql 0.625 (20%); d2: 0.300 vs iql 0.600 (50%) |" in out
+    assert "d1: 0.500 vs calql 0.625 (20% below); d2: 0.300 vs iql 0.600 (50% below) |" in out
 
 
 def test_a_blank_score_30k_does_not_stop_the_climb_targets(tmp_path):
@@ -85,7 +85,7 @@ def test_a_blank_score_30k_does_not_stop_the_climb_targets(tmp_path):
         writer.writerows([("d1", "sac", "smac", 1, 1.0, 0.5, ""), ("d1", "sac", "smac-anchor", 1, 0.0, 0.6, ""),
                           ("d1", "own", "iql", 1, 3.0, 0.8, "")])
     out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop", "score_30k"]))
-    assert "| d1 | sac | smac | c | 1 | 1 ± - | - |" in out and "d1: 0.500 vs iql 0.800 (38%)" in out
+    assert "| d1 | sac | smac | c | 1 | 1 ± - | - |" in out and "d1: 0.500 vs iql 0.800 (38% below)" in out
 
 
 def test_smac_against_the_best_peer_with_welchs_test_across_seeds(tmp_path):
@@ -94,11 +94,15 @@ def test_smac_against_the_best_peer_with_welchs_test_across_seeds(tmp_path):
             row("calql", 1, 0.0, 0.90, "own"), row("calql", 2, 0.0, 0.95, "own")]
     out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "w" / "summary.csv", rows)]))
     # by hand: means 0.45 vs 0.75, both std 0.05, n 3: t = -0.30 / sqrt(2 * 0.0025 / 3) = -7.35, df 4, p = 0.0018
-    assert ("| w | d | sac | 0.450 ± 0.050 [0.400, 0.500] (n 3) | iql: 0.750 ± 0.050 [0.700, 0.800] (n 3) | 40% | "
-            "t -7.35, p 0.002 |") in out
+    assert ("| w | d | sac | 0.450 ± 0.050 [0.400, 0.500] (n 3) | iql: 0.750 ± 0.050 [0.700, 0.800] (n 3) | "
+            "40% below | t -7.35, p 0.002 |") in out
     one_seed = [r for r in rows if r["seed"] == 1]
     out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "v" / "summary.csv", one_seed)]))
-    assert "(n 1) | 50% | - |" in out  # one seed: no test
+    assert "(n 1) | 50% below | - |" in out  # one seed: no test
+    better_peer = [r for r in rows if r["method"] != "calql"] + [row("calql", 1, 0.0, 0.28, "own"),
+                                                                     row("calql", 2, 0.0, 0.32, "own")]
+    out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "u" / "summary.csv", better_peer)]))
+    assert "| calql: 0.300 ± 0.028 [0.280, 0.320] (n 2) | 50% above |" in out  # 0.45 is 1.5x the peer's 0.30
 
 
 def test_issue_31s_targets_rest_drops_within_the_floor_and_score_30k(tmp_path):
