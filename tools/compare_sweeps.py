@@ -2,11 +2,11 @@
 (sample, ddof 1) over seeds per dataset x fine-tuner x method, one row per sweep, and the per-fine-tuner targets of
 issue 12 (SMAC's mean drop, and its regret relative to the baseline's, over all datasets); for a sweep with
 smac-anchor rows, issue 21's (no drop and a climb: SMAC's drop, its score at 30k against smac-anchor's and
-smac-plain's, its regret against every peer's on each dataset); for a sweep with peer rows, SMAC's regret against the
-best peer's per dataset and fine-tuner with Welch's t-test across seeds (issue 35: a "below" the test does not
-support is not a claim); for a sweep with smac-plain rows and offline_rest.py's columns, issue 31's (the offline
-runs at rest; per dataset and fine-tuner the drop of smac-plain or smac within a fixed policy's floor; SMAC's score_30k
-against today's and against smac-plain's).
+smac-plain's); for a sweep with peer rows, SMAC's regret against every peer's per dataset and fine-tuner, the best
+first, with Welch's t-test across seeds (issue 35: a "below" the test does not support is not a claim); for a sweep
+with smac-plain rows and offline_rest.py's columns, issue 31's (the offline runs at rest; per dataset and fine-tuner
+the drop of smac-plain or smac within a fixed policy's floor; SMAC's score_30k against today's and against
+smac-plain's).
 
     python tools/compare_sweeps.py results/hopper-smac-15k/summary.csv results/hopper-smac-15k-warmup/summary.csv \
         --labels plain lr-warmup
@@ -85,8 +85,9 @@ def table(args: Args) -> str:
 
 
 def peer_tests(label: str, rows: list) -> list:
-    """Per dataset and fine-tuner: SMAC's regret against the best peer's (lowest mean regret on that dataset), each
-    as mean ± sample std [per-seed range], with Welch's t-test across seeds (two-sided; unequal variances)."""
+    """Per dataset and fine-tuner: SMAC's regret against every peer's, the best (lowest mean regret) first, each as
+    mean ± sample std [per-seed range], with Welch's t-test across seeds (two-sided; unequal variances). One p per
+    comparison, not corrected for the others; with one seed a side there is no test and the row says so."""
     peers = sorted({r["method"] for r in rows if r["finetuner"] == "own"})
     if not peers:
         return []
@@ -99,24 +100,27 @@ def peer_tests(label: str, rows: list) -> list:
         std = f"{values.std(ddof=1):.3f}" if len(values) > 1 else "-"
         return f"{values.mean():.3f} ± {std} [{values.min():.3f}, {values.max():.3f}] (n {len(values)})"
 
-    lines = ["", f"| sweep {label} | dataset | fine-tuner | SMAC regret | best peer: regret | SMAC vs the peer | "
+    lines = ["", f"| sweep {label} | dataset | fine-tuner | SMAC regret | peer: regret | SMAC vs the peer | "
              "Welch's t, p (two-sided) |", "|---|---|---|---|---|---|---|"]
     for dataset in sorted({r["dataset"] for r in rows}):
-        ran = [(regrets(method=p, dataset=dataset), p) for p in peers]
-        ran = [(v, p) for v, p in ran if len(v)]
-        if not ran:
-            continue
-        best, peer = min(ran, key=lambda vp: vp[0].mean())
+        ran = sorted(((regrets(method=p, dataset=dataset), p) for p in peers), key=lambda vp: (
+            not len(vp[0]), vp[0].mean() if len(vp[0]) else 0, vp[1]))  # the best first, peers with no run last
         for tuner in sorted({r["finetuner"] for r in rows} - {"own"}):
             ours = regrets(method="smac", finetuner=tuner, dataset=dataset)
             if not len(ours):
                 continue
-            test = "-"
-            if len(ours) > 1 and len(best) > 1:
-                t, p = stats.ttest_ind(ours, best, equal_var=False)
-                test = f"t {t:.2f}, p {p:.3f}" if np.isfinite(p) else "-"
-            lines.append(f"| {label} | {dataset} | {tuner} | {cell(ours)} | {peer}: {cell(best)} | "
-                         f"{relative(ours.mean(), best.mean())} | {test} |")
+            for theirs, peer in ran:
+                if not len(theirs):
+                    lines.append(f"| {label} | {dataset} | {tuner} | {cell(ours)} | {peer}: no run yet | - | - |")
+                    continue
+                versus, test = relative(ours.mean(), theirs.mean()), "-"
+                if len(ours) > 1 and len(theirs) > 1:
+                    t, p = stats.ttest_ind(ours, theirs, equal_var=False)
+                    test = f"t {t:.2f}, p {p:.3f}" if np.isfinite(p) else "-"
+                else:
+                    versus += ", untested"
+                lines.append(f"| {label} | {dataset} | {tuner} | {cell(ours)} | {peer}: {cell(theirs)} | {versus} | "
+                             f"{test} |")
     return lines
 
 
@@ -183,8 +187,8 @@ def rest_targets(label: str, rows: list) -> list:
 
 
 def climb_targets(label: str, rows: list) -> list:
-    """Issue 21, per fine-tuner over the sweep's datasets: SMAC's mean drop (<= 2), its mean score_30k against
-    smac-anchor's (>= 1.25x) and smac-plain's (>=), and per dataset its regret against the best peer's (lower)."""
+    """Issue 21, per fine-tuner over the sweep's datasets: SMAC's mean drop (<= 2) and its mean score_30k against
+    smac-anchor's (>= 1.25x) and smac-plain's (>=). SMAC against the peers: peer_tests, with its test."""
     if not any(r["method"] == "smac-anchor" for r in rows):
         return []
 
@@ -193,23 +197,19 @@ def climb_targets(label: str, rows: list) -> list:
                   for r in rows if all(r[k] == v for k, v in match.items())]
         return float(np.mean(values)) if values else float("nan")
 
-    peers = sorted({r["method"] for r in rows if r["finetuner"] == "own"})
-    lines = ["", f"| sweep {label} | fine-tuner | SMAC drop | SMAC score_30k | anchor score_30k (x) | plain score_30k "
-             "| dataset: SMAC regret vs best peer's |", "|---|---|---|---|---|---|---|"]
+    def number(value, fmt):
+        return format(value, fmt) if np.isfinite(value) else "-"
+
+    lines = ["", f"| sweep {label} | fine-tuner | SMAC drop | SMAC score_30k | anchor score_30k (x) | "
+             "plain score_30k |", "|---|---|---|---|---|---|"]
     for tuner in sorted({r["finetuner"] for r in rows} - {"own"}):
         smac_30k, anchor_30k = mean("score_30k", method="smac", finetuner=tuner), mean(
             "score_30k", method="smac-anchor", finetuner=tuner)
-        versus = []
-        for dataset in sorted({r["dataset"] for r in rows}):
-            regret = mean("regret", method="smac", finetuner=tuner, dataset=dataset)
-            if not np.isfinite(regret):  # a sweep in progress: no SMAC run on this dataset yet
-                continue
-            ran = [(mean("regret", method=p, dataset=dataset), p) for p in peers]  # a peer with no row here: NaN
-            best = min([(r, p) for r, p in ran if np.isfinite(r)], default=(float("nan"), "-"))
-            versus.append(f"{dataset}: {regret:.3f} vs {best[1]} {best[0]:.3f} ({relative(regret, best[0])})")
-        lines.append(f"| {label} | {tuner} | {mean('drop', method='smac', finetuner=tuner):.2f} | {smac_30k:.1f} | "
-                     f"{anchor_30k:.1f} ({smac_30k / anchor_30k:.2f}x) | "
-                     f"{mean('score_30k', method='smac-plain', finetuner=tuner):.1f} | {'; '.join(versus)} |")
+        ratio = smac_30k / anchor_30k if anchor_30k else float("nan")
+        anchor = f"{anchor_30k:.1f} ({ratio:.2f}x)" if np.isfinite(ratio) else number(anchor_30k, ".1f")
+        lines.append(f"| {label} | {tuner} | {number(mean('drop', method='smac', finetuner=tuner), '.2f')} | "
+                     f"{number(smac_30k, '.1f')} | {anchor} | "
+                     f"{number(mean('score_30k', method='smac-plain', finetuner=tuner), '.1f')} |")
     return lines
 
 

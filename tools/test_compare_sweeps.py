@@ -65,15 +65,18 @@ def test_the_climb_targets_of_a_sweep_with_anchor_and_peer_rows(tmp_path):
         writer.writerow(fields)
         writer.writerows([(d, t, m, 1, drop, regret, s30) for d, t, m, drop, regret, s30 in rows])
     out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop"]))
-    assert ("| c | sac | 2.00 | 70.0 | 40.0 (1.75x) | 60.0 | d1: 0.500 vs calql 0.625 (20% below); "
-            "d2: 0.300 vs iql 0.600 (50% below) |") in out
+    assert "| c | sac | 2.00 | 70.0 | 40.0 (1.75x) | 60.0 |" in out
+    assert "| c | d1 | sac | 0.500 ± - [0.500, 0.500] (n 1) | calql: 0.625 ± - [0.625, 0.625] (n 1) | 20% below, " \
+        "untested | - |" in out  # one seed a side: no test, and the row says so
+    assert "| c | d2 | sac | 0.300 ± - [0.300, 0.300] (n 1) | iql: 0.600 ± - [0.600, 0.600] (n 1) | 50% below" in out
     with open(path, "w", newline="") as f:  # a sweep in progress: calql has no d2 row yet; iql is d2's best peer
         writer = csv.writer(f)
         writer.writerow(fields)
         writer.writerows([(d, t, m, 1, drop, regret, s30) for d, t, m, drop, regret, s30 in rows
                           if (d, m) != ("d2", "calql")])
     out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop"]))
-    assert "d1: 0.500 vs calql 0.625 (20% below); d2: 0.300 vs iql 0.600 (50% below) |" in out
+    assert "| c | d2 | sac | 0.300 ± - [0.300, 0.300] (n 1) | iql: 0.600 ± - [0.600, 0.600] (n 1) | 50% below" in out
+    assert "| c | d2 | sac | 0.300 ± - [0.300, 0.300] (n 1) | calql: no run yet | - | - |" in out
 
 
 def test_a_blank_score_30k_does_not_stop_the_climb_targets(tmp_path):
@@ -85,10 +88,11 @@ def test_a_blank_score_30k_does_not_stop_the_climb_targets(tmp_path):
         writer.writerows([("d1", "sac", "smac", 1, 1.0, 0.5, ""), ("d1", "sac", "smac-anchor", 1, 0.0, 0.6, ""),
                           ("d1", "own", "iql", 1, 3.0, 0.8, "")])
     out = compare_sweeps.table(compare_sweeps.Args([str(path)], metrics=["drop", "score_30k"]))
-    assert "| d1 | sac | smac | c | 1 | 1 ± - | - |" in out and "d1: 0.500 vs iql 0.800 (38% below)" in out
+    assert "| d1 | sac | smac | c | 1 | 1 ± - | - |" in out and "| c | sac | 1.00 | - | - | - |" in out
+    assert "| iql: 0.800 ± - [0.800, 0.800] (n 1) | 38% below, untested | - |" in out
 
 
-def test_smac_against_the_best_peer_with_welchs_test_across_seeds(tmp_path):
+def test_smac_against_every_peer_best_first_with_welchs_test_across_seeds(tmp_path):
     rows = [row("smac", 1, 0.0, 0.40), row("smac", 2, 0.0, 0.50), row("smac", 3, 0.0, 0.45),
             row("iql", 1, 0.0, 0.80, "own"), row("iql", 2, 0.0, 0.70, "own"), row("iql", 3, 0.0, 0.75, "own"),
             row("calql", 1, 0.0, 0.90, "own"), row("calql", 2, 0.0, 0.95, "own")]
@@ -96,13 +100,15 @@ def test_smac_against_the_best_peer_with_welchs_test_across_seeds(tmp_path):
     # by hand: means 0.45 vs 0.75, both std 0.05, n 3: t = -0.30 / sqrt(2 * 0.0025 / 3) = -7.35, df 4, p = 0.0018
     assert ("| w | d | sac | 0.450 ± 0.050 [0.400, 0.500] (n 3) | iql: 0.750 ± 0.050 [0.700, 0.800] (n 3) | "
             "40% below | t -7.35, p 0.002 |") in out
+    assert out.index("| iql: 0.750") < out.index("| calql: 0.925 ± 0.035 [0.900, 0.950] (n 2) | 51% below | t -")
     one_seed = [r for r in rows if r["seed"] == 1]
     out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "v" / "summary.csv", one_seed)]))
-    assert "(n 1) | 50% below | - |" in out  # one seed: no test
+    assert "(n 1) | 50% below, untested | - |" in out  # one seed: no test
     better_peer = [r for r in rows if r["method"] != "calql"] + [row("calql", 1, 0.0, 0.28, "own"),
                                                                      row("calql", 2, 0.0, 0.32, "own")]
     out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "u" / "summary.csv", better_peer)]))
     assert "| calql: 0.300 ± 0.028 [0.280, 0.320] (n 2) | 50% above |" in out  # 0.45 is 1.5x the peer's 0.30
+    assert out.index("| calql: 0.300") < out.index("| iql: 0.750")  # the best peer first
 
 
 def test_issue_31s_targets_rest_drops_within_the_floor_and_score_30k(tmp_path):
@@ -142,4 +148,12 @@ def test_the_climb_targets_skip_a_dataset_smac_has_not_run_yet(tmp_path):
     rows = [row("smac", 1, 1.0, 0.5), row("smac-anchor", 1, 1.0, 0.6), row("iql", 1, 0.0, 0.8, "own"),
             dict(row("iql", 1, 0.0, 0.9, "own"), dataset="e")]
     out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "c" / "summary.csv", rows)]))
-    assert "| anchor score_30k" in out and "e: " not in out  # e has no SMAC regret to set against iql
+    assert "| anchor score_30k" in out and "| c | e |" not in out  # e has no SMAC regret to set against iql
+
+
+def test_a_peer_with_no_run_on_a_dataset_yet_is_shown_as_missing(tmp_path):
+    rows = [row("smac", 1, 1.0, 0.5), row("smac", 2, 1.0, 0.6), row("iql", 1, 0.0, 0.8, "own"),
+            row("iql", 2, 0.0, 0.7, "own"), dict(row("calql", 1, 0.0, 0.3, "own"), dataset="e")]
+    out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "m" / "summary.csv", rows)]))
+    assert "| m | d | sac | 0.550 ± 0.071 [0.500, 0.600] (n 2) | calql: no run yet | - | - |" in out
+    assert out.index("| iql: 0.750") < out.index("calql: no run yet")  # a peer with runs before one without
