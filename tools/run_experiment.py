@@ -523,7 +523,7 @@ def collect(args: Args) -> List[dict]:
 
 def write_table(rows: List[dict], path: str) -> None:
     """Per dataset x fine-tuner x method: mean ± sample std over seeds (ddof 1) [lowest, highest seed], as a Markdown
-    table ('-': a value does not exist)."""
+    table ('-': a value does not exist; '± -': one seed, no std)."""
     metrics = ["offline_score", "step0_score", "lowest_early_score", "drop", "offline_continuation_drop", "regret",
                "final_score", "final_success_rate", "score_10k", "score_30k"]
     lines = ["| dataset | fine-tuner | method | seeds | " + " | ".join(metrics) + " |",
@@ -534,8 +534,9 @@ def write_table(rows: List[dict], path: str) -> None:
         cells = []
         for m in metrics:
             values = np.array([r[m] for r in group], dtype=float)  # None: NaN
-            d, std = (3 if m == "regret" else 1), (values.std(ddof=1) if len(values) > 1 else math.nan)
-            cells.append(f"{values.mean():.{d}f} ± {std:.{d}f} [{values.min():.{d}f}, {values.max():.{d}f}]"
+            d = 3 if m == "regret" else 1
+            std = f"{values.std(ddof=1):.{d}f}" if len(values) > 1 else "-"
+            cells.append(f"{values.mean():.{d}f} ± {std} [{values.min():.{d}f}, {values.max():.{d}f}]"
                          if all(values == values) else "-")
         lines.append(f"| {dataset} | {tuner} | {method} | {len(group)} | " + " | ".join(cells) + " |")
     with open(path + ".tmp", "w") as f:

@@ -220,6 +220,13 @@ def test_collect_only_rebuilds_the_summary_with_blanks_and_budget_scores(tmp_pat
     assert "| - |" in table and "nan" not in table  # score_10k: the runs are shorter
 
 
+def test_one_seed_shows_no_std_in_the_table_rather_than_nan(tmp_path, capsys):
+    fake_finished(tmp_path / "results", seeds=(1,))
+    assert run_cli(capsys, fake_flags(tmp_path, collect_only=True, seeds=[1]))[0] == 0
+    table = (tmp_path / "results" / "fake" / "table.md").read_text()
+    assert "| hopper-medium-v2 | sac | smac | 1 | 41.0 ± - [41.0, 41.0] |" in table and "nan" not in table
+
+
 def test_collect_only_fills_the_offline_rest_columns_next_to_the_drop(tmp_path, capsys):
     fake_finished(tmp_path / "results")
     assert run_cli(capsys, fake_flags(tmp_path, collect_only=True, rest_updates=0))[0] == 0  # collected whatever flag
