@@ -109,6 +109,10 @@ class Args:
     """extra flags for smac.py, for both methods; write them with '=': --smac-flags='--score-coef 1'"""
     finetune_flags: str = ""
     """extra flags for both fine-tuners"""
+    defer: List[Literal["smac", "smac-anchor", "smac-plain", "baseline", "calql", "iql", "spot"]] = field(
+        default_factory=list)
+    """methods or peers whose unfinished runs this command does not start (they stay in the sweep and its summary;
+    a later command without them runs them), e.g. --defer calql to spend a session on the runs that fit in it"""
     rest_updates: int = 5000
     """continued offline updates of tools/offline_rest.py after each offline run (evaluated every tenth of them);
     0: not measured. Not a sweep setting: a sweep resumed with another value keeps the rest results it has, each
@@ -317,6 +321,8 @@ def run_sweep(args: Args) -> List[str]:
             print(f"done already: {job['dir']}" + (f" (made with --rest-updates {result['rest_updates']})"
                                                      if job["kind"] == "rest" else ""))
             return finished(job, result)
+        if job["key"]["method"] in args.defer:
+            return print(f"deferred (--defer): {job['dir']}")
         waiting["followers" if first else "plan"].append(job)
 
     def finished(job, result):
@@ -422,6 +428,8 @@ def check_args(args: Args) -> None:
     smac.check_flags(args, smac.AT_LEAST_1, "offline_updates", "online_steps", "offline_eval_freq", "online_eval_freq",
                      "eval_episodes", "workers", "threads_per_run", "slurm_timeout_min")
     smac.check_flags(args, smac.AT_LEAST_0, "slurm_gpus_per_run", "rest_updates")
+    if stray := [m for m in args.defer if m not in args.methods + args.peers]:
+        raise smac.SMACError(f"--defer {' '.join(stray)}: not among this sweep's --methods or --peers")
     smac.check_flags(args, (len, "one or more values"), "tasks", "finetuners")
     smac.check_flags(args, (lambda v: v and all(0 <= s < 2**32 for s in v), "one or more integers in [0, 2**32 - 1]"),
                      "seeds")

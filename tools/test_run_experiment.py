@@ -183,6 +183,7 @@ def snapshot(folder):
     (dict(workers=-1), "--workers must be >= 1, got -1"),
     (dict(threads_per_run=0), "--threads-per-run must be >= 1, got 0"),
     (dict(rest_updates=-1), "--rest-updates must be >= 0, got -1"),
+    (dict(defer=["calql"]), "--defer calql: not among this sweep's --methods or --peers"),
     (dict(online_eval_freq=0, peers=["iql"], corl_dir="."), "--online-eval-freq must be >= 1, got 0"),
     (dict(results_dir="FILE/sub"), "--results-dir FILE/sub: cannot write FILE/sub/fake: FILE is a file, not a folder"),
     (dict(seeds=[]), "--seeds must be one or more integers in [0, 2**32 - 1], got []"),
@@ -268,6 +269,22 @@ def fake_jobs(monkeypatch):
         return result
     monkeypatch.setattr(run_experiment, "run_job", run_job)
     return started
+
+
+def test_deferred_runs_are_not_started_yet_stay_in_the_sweep_and_run_later(tmp_path, capsys, monkeypatch):
+    started = fake_jobs(monkeypatch)
+    (tmp_path / "d.hdf5").write_text("")
+    flags = dict(tasks=[f"hopper-medium-v2:{tmp_path / 'd.hdf5'}"], methods=["smac", "smac-plain"], peers=["iql"],
+                 corl_dir=tmp_path, offline_updates=1200, seeds=[1], rest_updates=0)
+    code, out, _ = run_cli(capsys, fake_flags(tmp_path, defer=["iql", "smac-plain"], **flags))
+    assert code == 0 and [(j["kind"], j["key"]["method"]) for j in started] == [("offline", "smac"), ("online", "smac")]
+    assert out.count("deferred (--defer): ") == 2
+    assert [r["method"] for r in read_rows(tmp_path / "results" / "fake" / "summary.csv")] == ["smac"]
+    started.clear()  # the same sweep without --defer: only the deferred runs start, and the summary holds all three
+    assert run_cli(capsys, fake_flags(tmp_path, **flags))[0] == 0
+    assert sorted((j["kind"], j["key"]["method"]) for j in started) == [("online", "smac-plain"), ("peer", "iql")]
+    assert sorted(r["method"] for r in read_rows(tmp_path / "results" / "fake" / "summary.csv")) == [
+        "iql", "smac", "smac-plain"]
 
 
 def test_a_rest_job_follows_each_offline_run_not_the_peers_and_fills_its_rows(tmp_path, capsys, monkeypatch):
