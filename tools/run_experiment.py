@@ -112,7 +112,8 @@ class Args:
     defer: List[Literal["smac", "smac-anchor", "smac-plain", "baseline", "calql", "iql", "spot"]] = field(
         default_factory=list)
     """methods or peers whose unfinished runs this command does not start (they stay in the sweep and its summary;
-    a later command without them runs them), e.g. --defer calql to spend a session on the runs that fit in it"""
+    a later command without them runs them), e.g. --defer calql to spend a session on the runs that fit in it;
+    smac or baseline: its offline run, so also every run that needs its checkpoint"""
     rest_updates: int = 5000
     """continued offline updates of tools/offline_rest.py after each offline run (evaluated every tenth of them);
     0: not measured. Not a sweep setting: a sweep resumed with another value keeps the rest results it has, each
