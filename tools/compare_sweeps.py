@@ -4,6 +4,7 @@ issue 12 (SMAC's mean drop, and its regret relative to the baseline's, over all 
 smac-anchor rows, issue 21's (no drop and a climb: SMAC's drop, its score at 30k against smac-anchor's and
 smac-plain's); for a sweep with peer rows, SMAC's regret against every peer's per dataset and fine-tuner, the best
 first, with Welch's t-test across seeds (issue 35: a "below" the test does not support is not a claim); for a sweep
+with smac-plain rows, SMAC against plain online RL in drop, score_30k and regret, with the same test; for a sweep
 with smac-plain rows and offline_rest.py's columns, issue 31's (the offline runs at rest; per dataset and fine-tuner
 the drop of smac-plain or smac within a fixed policy's floor; SMAC's score_30k against today's and against
 smac-plain's).
@@ -80,7 +81,9 @@ def table(args: Args) -> str:
             lines.append(f"| {label} | {tuner} | {cell(('smac', 'drop'), '.2f')} | {cell(('baseline', 'drop'), '.2f')} "
                          f"| {cell(('smac', 'regret'), '.3f')} | {cell(('baseline', 'regret'), '.3f')} | {below} |")
     for label, path in zip(labels, args.summaries):
-        lines += climb_targets(label, read(path)) + peer_tests(label, read(path)) + rest_targets(label, read(path))
+        rows = read(path)
+        lines += climb_targets(label, rows) + peer_tests(label, rows) + plain_tests(label, rows) + rest_targets(
+            label, rows)
     return "\n".join(lines)
 
 
@@ -113,14 +116,40 @@ def peer_tests(label: str, rows: list) -> list:
                 if not len(theirs):
                     lines.append(f"| {label} | {dataset} | {tuner} | {cell(ours)} | {peer}: no run yet | - | - |")
                     continue
-                versus, test = relative(ours.mean(), theirs.mean()), "-"
-                if len(ours) > 1 and len(theirs) > 1:
-                    t, p = stats.ttest_ind(ours, theirs, equal_var=False)
-                    test = f"t {t:.2f}, p {p:.3f}" if np.isfinite(p) else "-"
-                else:
+                versus, test = relative(ours.mean(), theirs.mean()), welch(ours, theirs)
+                if test == "-":
                     versus += ", untested"
                 lines.append(f"| {label} | {dataset} | {tuner} | {cell(ours)} | {peer}: {cell(theirs)} | {versus} | "
                              f"{test} |")
+    return lines
+
+
+def welch(ours, theirs) -> str:
+    """Welch's t-test across seeds (two-sided; unequal variances), or "-" with fewer than two seeds a side."""
+    if len(ours) < 2 or len(theirs) < 2:
+        return "-"
+    t, p = stats.ttest_ind(ours, theirs, equal_var=False)
+    return f"t {t:.2f}, p {p:.3f}" if np.isfinite(p) else "-"
+
+
+def plain_tests(label: str, rows: list) -> list:
+    """Per dataset and fine-tuner: SMAC (the penalty released online) against plain online RL from the same
+    checkpoints (smac-plain, the paper's protocol) in drop, score_30k and regret, means over seeds with Welch's t."""
+    tuners = sorted({r["finetuner"] for r in rows if r["method"] == "smac-plain"})
+    metrics = ("drop", "score_30k", "regret")
+    lines = ["", f"| sweep {label} | dataset | fine-tuner | " + " | ".join(f"{m}: smac vs smac-plain" for m in metrics)
+             + " |", "|---" * (3 + len(metrics)) + "|"] if tuners else []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for tuner in tuners:
+            cells = []
+            for metric in metrics:
+                ours, plain = (np.array([float(r[metric]) for r in rows if r["method"] == m and r["finetuner"] == tuner
+                                         and r["dataset"] == dataset and r.get(metric) not in ("", None)])
+                               for m in ("smac", "smac-plain"))
+                digits = 3 if metric == "regret" else 1
+                cells.append(f"{ours.mean():.{digits}f} vs {plain.mean():.{digits}f} ({welch(ours, plain)})"
+                             if len(ours) and len(plain) else "-")
+            lines.append(f"| {label} | {dataset} | {tuner} | " + " | ".join(cells) + " |")
     return lines
 
 

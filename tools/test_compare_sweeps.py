@@ -157,3 +157,16 @@ def test_a_peer_with_no_run_on_a_dataset_yet_is_shown_as_missing(tmp_path):
     out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "m" / "summary.csv", rows)]))
     assert "| m | d | sac | 0.550 ± 0.071 [0.500, 0.600] (n 2) | calql: no run yet | - | - |" in out
     assert out.index("| iql: 0.750") < out.index("calql: no run yet")  # a peer with runs before one without
+
+
+def test_smac_against_plain_online_in_drop_score_and_regret_with_welchs_test(tmp_path):
+    rows = [row("smac", s, d, r) for s, d, r in ((1, 0.40, 0.5), (2, 0.50, 0.5), (3, 0.45, 0.6))]
+    rows += [row("smac-plain", s, d, 0.5) for s, d in ((1, 0.80), (2, 0.70), (3, 0.75))]
+    rows += [row("smac-plain", 1, 9.0, 0.9, "td3")]  # one seed and no smac row: no test, no mean to set against
+    out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "p" / "summary.csv", rows)]))
+    # drop, as in the peer test by hand: t -7.35, p 0.002; regret 0.533 ± 0.058 vs 0.5 ± 0: t 1.00, df 2, p 0.423
+    assert "| p | d | sac | 0.5 vs 0.8 (t -7.35, p 0.002) | - | 0.533 vs 0.500 (t 1.00, p 0.423) |" in out
+    assert "| p | d | td3 | - | - | - |" in out
+    no_plain = [r for r in rows if r["method"] == "smac"]
+    out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "q" / "summary.csv", no_plain)]))
+    assert "smac vs smac-plain" not in out
