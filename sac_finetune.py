@@ -66,7 +66,7 @@ def train(args: Args) -> dict:
             if step > args.learning_starts:
                 update = step - args.learning_starts  # online updates since the hand-over
                 batch = rb.sample(args.batch_size)
-                # L_Q = sum_i E (Q_i(s, a) - y)^2,  y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s'))
+                # L_TD = sum_i E (Q_i(s, a) - y)^2,  y = r + gamma (1 - d) (min_i Q'_i(s', a') - alpha log pi(a'|s'))
                 y = smac.soft_td_target(actor, target_critic, batch, args.gamma, alpha)
                 critic_loss = critic_td_loss = smac.td_loss(critic, batch, y)
                 sm_loss = torch.zeros(())

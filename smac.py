@@ -2,10 +2,12 @@
 
 SAC's soft-optimal policy is pi*(a|s) = exp(Q*(s,a) / alpha) / Z(s), so grad_a Q*(s,a) = alpha * grad_a log pi*(a|s).
 SMAC asks the offline critic to respect this with the DATASET's score (a return-conditioned diffusion model) times a
-learned scale alpha_psi(s), at actions B(A), half policy samples and half uniform; the actor keeps SAC's own loss:
+learned scale alpha_psi(s), at actions B(A) (per state a policy sample or a uniform action, even odds); the actor
+keeps SAC's own loss:
     L_Q = L_TD + kappa * sum_i E_{s~D, a~B(A)} || grad_a Q_i(s,a) - alpha_psi(s) * grad_a log pi^D(a|s,w) ||^2
 Ours, not the authors': the fine-tuners keep kappa_t * L_SM online, released to kappa / 100 over 15k updates.
-The whole method, offline and online, is above the banner; below it, plumbing only.
+Every piece of the method is above the banner (the fine-tuners' online loops call it); below it, plumbing only.
+Words: "score" is grad_a log pi^D (ScoreModel, score_coef, L_SM); the D4RL 0-100 return is the "normalized score".
 """
 
 import contextlib
@@ -86,7 +88,7 @@ class Args(RunArgs):
     alpha: float = 0.2
     """SAC's entropy temperature in the soft TD target and the actor loss (fixed offline)"""
     critic_layer_norm: bool = True
-    """LayerNorm in the critics (ours; off: the critics before session 17)"""
+    """LayerNorm before each SiLU in the critics (RLPD's; off: this project's critics before it became the default)"""
     # ---- SMAC arguments
     score_coef: float = 10.0
     """kappa, weight of the score-matching penalty (0: the baseline, offline SAC, with no diffusion model)"""
@@ -119,7 +121,7 @@ class Actor(nn.Module):
 
     def forward(self, obs: torch.Tensor):
         mean, log_std = self.net(obs).chunk(2, dim=-1)
-        return mean, log_std.clamp(-5.0, 2.0)  # sigma in [e^-5, e^2]: CleanRL's bounds (it rescales by tanh)
+        return mean, log_std.clamp(-5.0, 2.0)  # sigma in [e^-5, e^2]: CleanRL's bounds (it maps into them by tanh)
 
     def act(self, obs: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
         mean, log_std = self(obs)
@@ -144,7 +146,8 @@ class TwinCritic(nn.Module):
         self.qs = nn.ModuleList([mlp(obs_dim + act_dim, 1, hidden, nn.SiLU, layer_norm) for _ in range(2)])
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Q_i(s, a), shape (2, B); actions (B, a) shared by both critics or (2, B, a), one set per critic."""
+        """Q_i(s, a), shape (2, B); actions (B, a) shared by both critics or (2, B, a), one set per critic. The same
+        numbers as running self.qs[0] and self.qs[1] apart, in half the kernel calls."""
         x = torch.cat([obs.expand(2, *obs.shape), actions.expand(2, *actions.shape[-2:])], dim=-1)
         for layer_1, layer_2 in zip(*self.qs):  # layer j of Q_1 and of Q_2, at once
             if isinstance(layer_1, nn.SiLU):
@@ -280,7 +283,8 @@ def train(args: Args) -> dict:
     w_query = float(np.quantile(data["w"], args.return_quantile))  # w at which the score is asked
     obs_dim, act_dim = data["observations"].shape[1], data["actions"].shape[1]
     obs_mean, obs_std = data["observations"].mean(0), data["observations"].std(0) + 1e-3  # CORL's normalization
-    buffer = dataset_buffer(data, obs_mean, obs_std, device, args.batch_size)
+    buffer = dataset_buffer(data, obs_mean, obs_std, device, args.batch_size)  # minibatches of tensors (B, .):
+    # normalized observations and next_observations, actions in [-1, 1], rewards, dones (terminals only), w in [0, 1]
 
     actor = Actor(obs_dim, act_dim, args.hidden_dim).to(device)
     critic = TwinCritic(obs_dim, act_dim, args.hidden_dim, args.critic_layer_norm).to(device)
@@ -302,7 +306,7 @@ def train(args: Args) -> dict:
             score_model_opt.zero_grad()
             diffusion_loss.backward()
             score_model_opt.step()
-            log.losses("score_model", update, args.score_model_updates, diffusion_loss=diffusion_loss)
+            log.losses("score_model", update, score_model_updates, diffusion_loss=diffusion_loss)
         score_model.requires_grad_(False)
 
         # ALGO LOGIC, phase 2: the actor-critic
@@ -322,7 +326,8 @@ def train(args: Args) -> dict:
             critic_loss.backward()
             critic_opt.step()
 
-            actor_loss = sac_actor_loss(mean, log_std, obs, critic, args.alpha)  # the actor: SAC's loss, unchanged
+            # the actor: SAC's loss, unchanged (mean, log_std from before the critic's step: the actor has not moved)
+            actor_loss = sac_actor_loss(mean, log_std, obs, critic, args.alpha)
             actor_opt.zero_grad()
             actor_loss.backward()
             actor_opt.step()
@@ -375,8 +380,9 @@ def online_score_coefs(args, checkpoint_kappa: float) -> tuple:
 def released_score_coef(start: float, final: float, release_updates: int, update: int) -> float:
     """kappa_t at online update t: geometric from kappa_0 to the final kappa over release_updates, then the final one
     (a final 0 is approached as kappa_0 / 1000, then switched off, so the penalty's cost ends too)."""
-    if update >= release_updates or start in (0, final):  # from kappa 0 there is nothing to release
+    if update >= release_updates or start == 0 or start == final:  # from kappa 0 there is nothing to release
         return final
+    # kappa_t = kappa_0 * (kappa_f / kappa_0)^(t / T), kappa_f floored at kappa_0 / 1000 (a geometric path never hits 0)
     return start * (max(final, start / 1000) / start) ** (update / release_updates)
 
 

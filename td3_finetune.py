@@ -80,7 +80,7 @@ def train(args: Args) -> dict:
                     next_actions = (next_mu + noise).clamp(-1, 1)
                     next_q = target_critic(batch["next_observations"], next_actions).min(0).values
                     y = batch["rewards"].squeeze(-1) + args.gamma * (1 - batch["dones"].squeeze(-1)) * next_q
-                critic_loss = critic_td_loss = smac.td_loss(critic, batch, y)  # L_Q = sum_i E (Q_i(s, a) - y)^2
+                critic_loss = critic_td_loss = smac.td_loss(critic, batch, y)  # L_TD = sum_i E (Q_i(s, a) - y)^2
                 sm_loss = torch.zeros(())
                 kappa = smac.released_score_coef(kappa_0, kappa_final, args.score_release_updates, update)
                 if kappa > 0:  # + kappa_t L_SM: SMAC's penalty, at the minibatch's states
