@@ -364,7 +364,7 @@ class FinetuneArgs(RunArgs):
     score_coef: float | None = None
     """kappa_0, the penalty's weight at the hand-over; default the checkpoint's kappa (0: plain online RL)"""
     score_coef_final: float | None = None
-    """kappa after the release (default kappa_0 / 100; = kappa_0: no release, the anchor kept)"""
+    """kappa after the release, at most kappa_0 (default kappa_0 / 100; = kappa_0: no release, the anchor kept)"""
     score_release_updates: int = 15_000
     """online updates over which kappa_t falls from kappa_0 to --score-coef-final"""
     drop_window: int | None = None
@@ -374,7 +374,11 @@ class FinetuneArgs(RunArgs):
 def online_score_coefs(args, checkpoint_kappa: float) -> tuple:
     """(kappa_0, final kappa): by default the checkpoint's kappa, released to a hundredth of it."""
     start = checkpoint_kappa if args.score_coef is None else args.score_coef
-    return start, (start / 100 if args.score_coef_final is None else args.score_coef_final)
+    final = start / 100 if args.score_coef_final is None else args.score_coef_final
+    if final > start:
+        raise SMACError(f"--score-coef-final {final:g} is above kappa_0 = {start:g} (--score-coef, default the "
+                        "checkpoint's kappa): the release only lowers the penalty")
+    return start, final
 
 
 def released_score_coef(start: float, final: float, release_updates: int, update: int) -> float:

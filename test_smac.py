@@ -326,6 +326,8 @@ def test_a_diverged_fine_tune_stops_and_never_reports_a_finite_drop(tmp_path, of
     (dict(score_coef=NAN), "--score-coef must be a finite number >= 0"), (dict(score_coef_final=-1.0), "-final"),
     (dict(drop_window=-1), "--drop-window"), (dict(buffer_size=0), "--buffer-size"),
     (dict(score_release_updates=0), "--score-release-updates"), (dict(policy_frequency=0), "--policy-frequency"),
+    (dict(score_coef=0.0, score_coef_final=5.0), r"--score-coef-final 5 is above kappa_0 = 0 \(--score-coef"),
+    (dict(score_coef_final=20.0), "--score-coef-final 20 is above kappa_0 = 10 "),  # the checkpoint's kappa 10
     (dict(run_dir="afile"), "a folder, not a file")]] + [(td3_finetune, dict(exploration_noise=-0.1), "--explor"),
     (td3_finetune, dict(policy_noise=NAN), "--policy-noise"), (td3_finetune, dict(noise_clip=-1.0), "--noise-clip"),
     (td3_finetune, dict(bc_coef=-0.4), "--bc-coef must be a finite number >= 0")])
