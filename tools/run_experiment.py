@@ -106,9 +106,10 @@ class Args:
     eval_episodes: int = 10
     """evaluation episodes per point"""
     smac_flags: str = ""
-    """extra flags for smac.py, for both methods; write them with '=': --smac-flags='--score-coef 1'"""
+    """extra flags for smac.py, for both offline runs; write them with '=': --smac-flags='--hidden-dim 128'. A method's
+    own flags come after them and win (the baseline stays kappa 0)"""
     finetune_flags: str = ""
-    """extra flags for both fine-tuners"""
+    """extra flags for both fine-tuners; smac-anchor's and smac-plain's own flags come after them and win"""
     defer: List[Literal["smac", "smac-anchor", "smac-plain", "baseline", "calql", "iql", "spot"]] = field(
         default_factory=list)
     """methods or peers whose unfinished runs this command does not start (they stay in the sweep and its summary;
@@ -242,7 +243,7 @@ def plan(args: Args):
             for method in offline_methods:
                 argv = ["--env", env, "--seed", str(seed), "--total-updates", str(args.offline_updates),
                         "--eval-freq-updates", str(args.offline_eval_freq), "--eval-episodes", str(args.eval_episodes),
-                        "--exp-name", f"{method}", *OFFLINE_FLAGS[method], *args.smac_flags.split()]
+                        "--exp-name", f"{method}", *args.smac_flags.split(), *OFFLINE_FLAGS[method]]
                 if path:
                     argv += ["--dataset-path", path]
                 key = dict(dataset=label, env=env, method=method, seed=seed)
@@ -268,7 +269,7 @@ def online_jobs_for(offline_job: dict, checkpoint: str, args: Args):
         for tuner in args.finetuners:
             argv = ["--checkpoint", checkpoint, "--seed", str(offline_job["key"]["seed"]),
                     "--total-timesteps", str(args.online_steps), "--eval-freq", str(args.online_eval_freq),
-                    "--eval-episodes", str(args.eval_episodes), *METHODS[method][1], *args.finetune_flags.split()]
+                    "--eval-episodes", str(args.eval_episodes), *args.finetune_flags.split(), *METHODS[method][1]]
             key = {**offline_job["key"], "method": method, "finetuner": tuner}
             folder = tuner if method == offline_job["key"]["method"] else f"{tuner}-{method}"  # e.g. sac-smac-plain
             jobs.append(dict(kind="online", script=FINETUNERS[tuner], argv=argv, key=key, threads=args.threads_per_run,
@@ -429,6 +430,9 @@ def check_args(args: Args) -> None:
     smac.check_flags(args, smac.AT_LEAST_1, "offline_updates", "online_steps", "offline_eval_freq", "online_eval_freq",
                      "eval_episodes", "workers", "threads_per_run", "slurm_timeout_min")
     smac.check_flags(args, smac.AT_LEAST_0, "slurm_gpus_per_run", "rest_updates")
+    if "smac-anchor" in args.methods and re.search(r"--score-coef(=|\s|$)", args.smac_flags):
+        raise smac.SMACError("smac-anchor keeps smac.py's default kappa 10 online; with --smac-flags setting "
+                             "--score-coef it would not be the offline kappa kept: run smac-anchor without it")
     if stray := [m for m in args.defer if m not in args.methods + args.peers]:
         raise smac.SMACError(f"--defer {' '.join(stray)}: not among this sweep's --methods or --peers")
     smac.check_flags(args, (len, "one or more values"), "tasks", "finetuners")

@@ -194,6 +194,7 @@ def snapshot(folder):
     (dict(name="../../escape"), "--name '../../escape' must be one plain folder name"),
     (dict(name="a/b"), "--name 'a/b' must be one plain folder name"),
     (dict(name=".hidden"), "--name '.hidden' must be one plain folder name"),
+    (dict(methods=["smac-anchor"], smac_flags="--score-coef 1"), "smac-anchor keeps smac.py's default kappa 10"),
 ])
 def test_a_bad_flag_gives_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch, over, message):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun here
@@ -269,6 +270,18 @@ def fake_jobs(monkeypatch):
         return result
     monkeypatch.setattr(run_experiment, "run_job", run_job)
     return started
+
+
+def test_a_methods_own_flags_come_after_the_extra_flags_and_win(tmp_path, capsys, monkeypatch):
+    started = fake_jobs(monkeypatch)
+    flags = dict(methods=["smac", "smac-plain", "baseline"], smac_flags="--score-coef 1", seeds=[1], rest_updates=0,
+                 finetune_flags="--score-coef-final 0.1")
+    assert run_cli(capsys, fake_flags(tmp_path, **flags))[0] == 0
+    argv = {(j["kind"], j["key"]["method"]): j["argv"] for j in started}
+    assert argv["offline", "smac"][-2:] == ["--score-coef", "1"]  # the extra flags set SMAC's kappa,
+    assert argv["offline", "baseline"][-4:] == ["--score-coef", "1", "--score-coef", "0"]  # not the baseline's: 0
+    assert argv["online", "smac"][-2:] == ["--score-coef-final", "0.1"]
+    assert argv["online", "smac-plain"][-4:] == ["--score-coef", "0", "--score-coef-final", "0"]  # plain stays plain
 
 
 def test_deferred_runs_are_not_started_yet_stay_in_the_sweep_and_run_later(tmp_path, capsys, monkeypatch):
