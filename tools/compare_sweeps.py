@@ -37,6 +37,8 @@ class Args:
     metrics: List[str] = field(default_factory=lambda: ["offline_score", "drop", "lowest_early_score", "regret",
                                                          "final_score", "score_30k"])
     """columns to show"""
+    readme: bool = False
+    """print only the README's results table, from the first file (tools/test_compare_sweeps.py checks the README's)"""
 
 
 def read(path: str) -> list:
@@ -242,8 +244,41 @@ def climb_targets(label: str, rows: list) -> list:
     return lines
 
 
+PEER_NAMES = {"calql": "Cal-QL", "iql": "IQL", "spot": "SPOT"}
+
+
+def readme_table(rows: list) -> str:
+    """The README's results table: per dataset and fine-tuner the means over seeds of SMAC (released), plain online
+    and the anchor from the same checkpoints, the baseline's regret and every peer's, a peer with fewer seeds than the
+    sweep marked so (compare_sweeps' full output has the spreads and the tests)."""
+    seeds = len({r["seed"] for r in rows})
+    peers = sorted({r["method"] for r in rows if r["finetuner"] == "own"})
+
+    def means(method, metrics, **match):
+        picked = [r for r in rows if r["method"] == method and all(r[k] == v for k, v in match.items())]
+        if not picked:
+            return "not run yet"
+        cells = " / ".join(format(np.mean([float(r[m]) for r in picked]), ".3f" if m == "regret" else ".1f")
+                           for m in metrics)
+        return cells + (f" ({len(picked)} seed{'s' * (len(picked) > 1)})" if len(picked) < seeds else "")
+
+    lines = ["| dataset | fine-tuner | SMAC (released): drop / score_30k / regret | plain online: drop / score_30k / "
+             "regret | anchor kept: score_30k / regret | baseline regret | "
+             + " | ".join(f"{PEER_NAMES.get(p, p)} regret" for p in peers) + " |", "|---" * (6 + len(peers)) + "|"]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for tuner in sorted({r["finetuner"] for r in rows} - {"own"}):
+            at = dict(dataset=dataset, finetuner=tuner)
+            cells = [means("smac", ("drop", "score_30k", "regret"), **at),
+                     means("smac-plain", ("drop", "score_30k", "regret"), **at),
+                     means("smac-anchor", ("score_30k", "regret"), **at), means("baseline", ("regret",), **at),
+                     *(means(p, ("regret",), dataset=dataset) for p in peers)]
+            lines.append(f"| {dataset} | {tuner.upper()} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     try:
-        print(table(tyro.cli(Args)))
+        args = tyro.cli(Args)
+        print(readme_table(read(args.summaries[0])) if args.readme else table(args))
     except smac.SMACError as e:
         sys.exit(f"error: {e}")

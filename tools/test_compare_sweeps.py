@@ -170,3 +170,26 @@ def test_smac_against_plain_online_in_drop_score_and_regret_with_welchs_test(tmp
     no_plain = [r for r in rows if r["method"] == "smac"]
     out = compare_sweeps.table(compare_sweeps.Args([write_summary(tmp_path / "q" / "summary.csv", no_plain)]))
     assert "smac vs smac-plain" not in out
+
+
+def test_the_readme_table_means_over_seeds_with_peers_short_of_seeds_or_not_run_marked():
+    def run(method, seed, regret, finetuner="sac", dataset="d", drop=1.0, score_30k=50.0):
+        return dict(dataset=dataset, finetuner=finetuner, method=method, seed=str(seed), drop=str(drop),
+                    score_30k=str(score_30k), regret=str(regret))
+
+    rows = [run("smac", 1, 0.5, drop=2.0), run("smac", 2, 0.6, score_30k=60.0), run("smac-plain", 1, 0.7),
+            run("smac-plain", 2, 0.9), run("baseline", 1, 0.8), run("baseline", 2, 0.9),
+            run("iql", 1, 0.4, "own"), run("iql", 2, 0.5, "own"), run("calql", 1, 0.3, "own", dataset="e")]
+    out = compare_sweeps.readme_table(rows).splitlines()
+    assert out[0].endswith("| baseline regret | Cal-QL regret | IQL regret |")
+    assert out[2] == "| d | SAC | 1.5 / 55.0 / 0.550 | 1.0 / 50.0 / 0.800 | not run yet | 0.850 | not run yet | 0.450 |"
+    missing = " not run yet |"
+    assert out[3] == "| e | SAC |" + missing * 4 + " 0.300 (1 seed) |" + missing
+
+
+def test_the_readmes_results_table_is_the_committed_sweeps():
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    summary = compare_sweeps.read(os.path.join(root, "results", "handover-50k", "summary.csv"))
+    assert compare_sweeps.readme_table(summary) in readme  # regenerate: compare_sweeps.py SUMMARY --readme
