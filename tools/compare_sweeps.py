@@ -48,6 +48,13 @@ def read(path: str) -> list:
         return list(csv.DictReader(f))
 
 
+def column(rows: list, metric: str, **match) -> np.ndarray:
+    """The metric of the rows whose fields equal match's, one float per row; blank and non-finite cells left out."""
+    values = np.array([float(r[metric]) for r in rows if all(r[k] == v for k, v in match.items())
+                       and r.get(metric) not in ("", None)])
+    return values[np.isfinite(values)]
+
+
 def table(args: Args) -> str:
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.summaries]
     if len(labels) != len(args.summaries):
@@ -97,10 +104,6 @@ def peer_tests(label: str, rows: list) -> list:
     if not peers:
         return []
 
-    def regrets(**match):
-        return np.array([float(r["regret"]) for r in rows if all(r[k] == v for k, v in match.items())
-                         and r["regret"] not in ("", None) and np.isfinite(float(r["regret"]))])
-
     def cell(values):
         std = f"{values.std(ddof=1):.3f}" if len(values) > 1 else "-"
         return f"{values.mean():.3f} ± {std} [{values.min():.3f}, {values.max():.3f}] (n {len(values)})"
@@ -108,10 +111,10 @@ def peer_tests(label: str, rows: list) -> list:
     lines = ["", f"| sweep {label} | dataset | fine-tuner | SMAC regret | peer: regret | SMAC vs the peer | "
              "Welch's t, p (two-sided) |", "|---|---|---|---|---|---|---|"]
     for dataset in sorted({r["dataset"] for r in rows}):
-        ran = sorted(((regrets(method=p, dataset=dataset), p) for p in peers), key=lambda vp: (
+        ran = sorted(((column(rows, "regret", method=p, dataset=dataset), p) for p in peers), key=lambda vp: (
             not len(vp[0]), vp[0].mean() if len(vp[0]) else 0, vp[1]))  # the best first, peers with no run last
         for tuner in sorted({r["finetuner"] for r in rows} - {"own"}):
-            ours = regrets(method="smac", finetuner=tuner, dataset=dataset)
+            ours = column(rows, "regret", method="smac", finetuner=tuner, dataset=dataset)
             if not len(ours):
                 continue
             for theirs, peer in ran:
@@ -145,8 +148,7 @@ def plain_tests(label: str, rows: list) -> list:
         for tuner in tuners:
             cells = []
             for metric in metrics:
-                ours, plain = (np.array([float(r[metric]) for r in rows if r["method"] == m and r["finetuner"] == tuner
-                                         and r["dataset"] == dataset and r.get(metric) not in ("", None)])
+                ours, plain = (column(rows, metric, method=m, finetuner=tuner, dataset=dataset)
                                for m in ("smac", "smac-plain"))
                 digits = 3 if metric == "regret" else 1
                 cells.append(f"{ours.mean():.{digits}f} vs {plain.mean():.{digits}f} ({welch(ours, plain)})"
@@ -178,10 +180,6 @@ def rest_targets(label: str, rows: list) -> list:
     if not any(r["method"] == "smac-plain" for r in rows) or not any(r.get("offline_at_rest") for r in rows):
         return []
 
-    def values(metric, **match):
-        return np.array([float(r[metric]) for r in rows if all(r[k] == v for k, v in match.items())
-                         and r.get(metric) not in ("", None)])
-
     datasets, tuners = sorted({r["dataset"] for r in rows}), sorted({r["finetuner"] for r in rows} - {"own"})
     lines = ["", f"| sweep {label} | dataset | offline runs at rest | continuation drop | spread std |",
              "|---|---|---|---|---|"]
@@ -198,7 +196,8 @@ def rest_targets(label: str, rows: list) -> list:
     for dataset in datasets:
         floor = DROP_FLOOR.get(dataset.split("_")[0].split("-")[0])
         for tuner in tuners:
-            plain, ours = (values("drop", method=m, finetuner=tuner, dataset=dataset) for m in ("smac-plain", "smac"))
+            plain, ours = (column(rows, "drop", method=m, finetuner=tuner, dataset=dataset)
+                           for m in ("smac-plain", "smac"))
             held = [m for m, v in (("smac-plain", plain), ("smac", ours)) if floor is not None and len(v)
                     and v.mean() <= floor]
             verdict = ", ".join(held) or ("neither" if floor is not None and len(plain) and len(ours) else "-")
@@ -207,8 +206,8 @@ def rest_targets(label: str, rows: list) -> list:
     lines += ["", f"| sweep {label} | fine-tuner | SMAC score_30k (mean of datasets) | today's | "
               "dataset: SMAC vs smac-plain score_30k |", "|---|---|---|---|---|"]
     for tuner in tuners:
-        per_dataset = [(d, values("score_30k", method="smac", finetuner=tuner, dataset=d),
-                        values("score_30k", method="smac-plain", finetuner=tuner, dataset=d)) for d in datasets]
+        per_dataset = [(d, column(rows, "score_30k", method="smac", finetuner=tuner, dataset=d),
+                        column(rows, "score_30k", method="smac-plain", finetuner=tuner, dataset=d)) for d in datasets]
         means = [ours.mean() for _, ours, _ in per_dataset if len(ours)]
         versus = "; ".join(f"{d}: {ours.mean():.1f} vs {plain.mean():.1f}" for d, ours, plain in per_dataset
                            if len(ours) and len(plain))
@@ -255,12 +254,12 @@ def readme_table(rows: list) -> str:
     peers = sorted({r["method"] for r in rows if r["finetuner"] == "own"})
 
     def means(method, metrics, **match):
-        picked = [r for r in rows if r["method"] == method and all(r[k] == v for k, v in match.items())]
-        if not picked:
+        ran = len(column(rows, "seed", method=method, **match))
+        if not ran:
             return "not run yet"
-        cells = " / ".join(format(np.mean([float(r[m]) for r in picked]), ".3f" if m == "regret" else ".1f")
+        cells = " / ".join(format(column(rows, m, method=method, **match).mean(), ".3f" if m == "regret" else ".1f")
                            for m in metrics)
-        return cells + (f" ({len(picked)} seed{'s' * (len(picked) > 1)})" if len(picked) < seeds else "")
+        return cells + (f" ({ran} seed{'s' * (ran > 1)})" if ran < seeds else "")
 
     lines = ["| dataset | fine-tuner | SMAC (released): drop / score_30k / regret | plain online: drop / score_30k / "
              "regret | anchor kept: score_30k / regret | baseline regret | "
