@@ -38,7 +38,7 @@ class Args:
                                                          "final_score", "score_30k"])
     """columns to show"""
     readme: bool = False
-    """print only the README's results table, from the first file (tools/test_compare_sweeps.py checks the README's)"""
+    """print only the README's results table of the one file given (a test checks README.md's against handover-50k's)"""
 
 
 def read(path: str) -> list:
@@ -49,13 +49,19 @@ def read(path: str) -> list:
 
 
 def column(rows: list, metric: str, **match) -> np.ndarray:
-    """The metric of the rows whose fields equal match's, one float per row; blank and non-finite cells left out."""
+    """The values of metric over the rows whose fields have match's values, e.g. column(rows, "regret", method="smac",
+    dataset=d). Blank and non-finite cells are left out, so it can be shorter than the rows that match (table() and
+    climb_targets() instead show a mean with a missing value as "-")."""
     values = np.array([float(r[metric]) for r in rows if all(r[k] == v for k, v in match.items())
                        and r.get(metric) not in ("", None)])
     return values[np.isfinite(values)]
 
 
 def table(args: Args) -> str:
+    if args.readme:
+        if len(args.summaries) != 1:
+            raise smac.SMACError(f"--readme prints one sweep's table: give one summary.csv, not {len(args.summaries)}")
+        return readme_table(read(args.summaries[0]))
     labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in args.summaries]
     if len(labels) != len(args.summaries):
         raise smac.SMACError(f"{len(args.summaries)} files but {len(labels)} labels")
@@ -248,18 +254,20 @@ PEER_NAMES = {"calql": "Cal-QL", "iql": "IQL", "spot": "SPOT"}
 
 def readme_table(rows: list) -> str:
     """The README's results table: per dataset and fine-tuner the means over seeds of SMAC (released), plain online
-    and the anchor from the same checkpoints, the baseline's regret and every peer's, a peer with fewer seeds than the
-    sweep marked so (compare_sweeps' full output has the spreads and the tests)."""
+    and the anchor from the same checkpoints, the baseline's regret and every peer's. A cell whose means have fewer
+    values than the sweep has seeds says how many (the fewest of its metrics), a metric with none is "-"
+    (compare_sweeps' full output has the spreads and the tests)."""
     seeds = len({r["seed"] for r in rows})
     peers = sorted({r["method"] for r in rows if r["finetuner"] == "own"})
 
     def means(method, metrics, **match):
-        ran = len(column(rows, "seed", method=method, **match))
-        if not ran:
+        if not len(column(rows, "seed", method=method, **match)):
             return "not run yet"
-        cells = " / ".join(format(column(rows, m, method=method, **match).mean(), ".3f" if m == "regret" else ".1f")
-                           for m in metrics)
-        return cells + (f" ({ran} seed{'s' * (ran > 1)})" if ran < seeds else "")
+        values = [column(rows, metric, method=method, **match) for metric in metrics]
+        text = " / ".join(format(v.mean(), ".3f" if metric == "regret" else ".1f") if len(v) else "-"
+                          for v, metric in zip(values, metrics))
+        fewest = min((len(v) for v in values if len(v)), default=0)
+        return text + (f" ({fewest} seed{'s' * (fewest > 1)})" if 0 < fewest < seeds else "")
 
     lines = ["| dataset | fine-tuner | SMAC (released): drop / score_30k / regret | plain online: drop / score_30k / "
              "regret | anchor kept: score_30k / regret | baseline regret | "
@@ -277,7 +285,6 @@ def readme_table(rows: list) -> str:
 
 if __name__ == "__main__":
     try:
-        args = tyro.cli(Args)
-        print(readme_table(read(args.summaries[0])) if args.readme else table(args))
+        print(table(tyro.cli(Args)))
     except smac.SMACError as e:
         sys.exit(f"error: {e}")

@@ -43,6 +43,8 @@ def test_a_missing_column_shows_a_dash_and_bad_input_one_error(tmp_path):
         compare_sweeps.table(compare_sweeps.Args([str(tmp_path / "nope.csv")]))
     with pytest.raises(compare_sweeps.smac.SMACError, match="1 files but 2 labels"):
         compare_sweeps.table(compare_sweeps.Args([a], labels=["x", "y"]))
+    with pytest.raises(compare_sweeps.smac.SMACError, match="give one summary.csv, not 2"):
+        compare_sweeps.table(compare_sweeps.Args([a, a], readme=True))
 
 
 def test_a_sweep_without_baseline_runs_shows_dashes_not_nan(tmp_path):
@@ -179,17 +181,24 @@ def test_the_readme_table_means_over_seeds_with_peers_short_of_seeds_or_not_run_
 
     rows = [run("smac", 1, 0.5, drop=2.0), run("smac", 2, 0.6, score_30k=60.0), run("smac-plain", 1, 0.7),
             run("smac-plain", 2, 0.9), run("baseline", 1, 0.8), run("baseline", 2, 0.9),
-            run("iql", 1, 0.4, "own"), run("iql", 2, 0.5, "own"), run("calql", 1, 0.3, "own", dataset="e")]
+            run("iql", 1, 0.4, "own"), run("iql", 2, 0.5, "own"), run("calql", 1, 0.3, "own", dataset="e"),
+            run("smac", 1, 0.7, "td3", score_30k=""), run("smac", 2, 0.9, "td3", score_30k="")]
     out = compare_sweeps.readme_table(rows).splitlines()
-    assert out[0].endswith("| baseline regret | Cal-QL regret | IQL regret |")
+    assert out[0].endswith("| baseline regret | Cal-QL regret | IQL regret |") and out[1] == "|---" * 8 + "|"
     assert out[2] == "| d | SAC | 1.5 / 55.0 / 0.550 | 1.0 / 50.0 / 0.800 | not run yet | 0.850 | not run yet | 0.450 |"
+    assert out[3].startswith("| d | TD3 | 1.0 / - / 0.800 | not run yet |")  # no score_30k: "-", not nan
+    rows[1]["score_30k"] = ""  # a mean over fewer values than the sweep's seeds says so
+    assert compare_sweeps.readme_table(rows).splitlines()[2].startswith("| d | SAC | 1.5 / 50.0 / 0.550 (1 seed) |")
     missing = " not run yet |"
-    assert out[3] == "| e | SAC |" + missing * 4 + " 0.300 (1 seed) |" + missing
+    assert out[4] == "| e | SAC |" + missing * 4 + " 0.300 (1 seed) |" + missing
 
 
 def test_the_readmes_results_table_is_the_committed_sweeps():
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     with open(os.path.join(root, "README.md")) as f:
         readme = f.read()
+    lines = readme.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| dataset | fine-tuner | SMAC (released)"))
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))
     summary = compare_sweeps.read(os.path.join(root, "results", "handover-50k", "summary.csv"))
-    assert compare_sweeps.readme_table(summary) in readme  # regenerate: compare_sweeps.py SUMMARY --readme
+    assert "\n".join(lines[start:end]) == compare_sweeps.readme_table(summary)  # compare_sweeps.py SUMMARY --readme
